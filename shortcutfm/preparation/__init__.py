@@ -1,0 +1,43 @@
+"""Data preparation: encode images / teacher samples and captions once into a :class:`LatentCache`, so that
+training on a diffusers model needs neither its VAE nor its text encoders in memory.
+
+Layout and key names: :mod:`shortcutfm.preparation.cache`. Per-family encoding: :mod:`.encode`.
+Input conventions (prompt files, image folders with captions): :mod:`.inputs`.
+"""
+
+from .cache import CacheError, CacheLayout, LatentCache, RecordInfo, content_key
+from .encode import FAMILY_ENCODINGS, FamilyEncoding, encode_images, encode_text, encode_uncond, family_of
+from .inputs import ImageCaption, list_image_captions, read_prompt_file
+from .prepare import (
+    FailedInput,
+    PreparationError,
+    PreparationReport,
+    prepare_from_folder,
+    prepare_from_prompts,
+    prompt_seed,
+)
+from .writer import CacheWriter
+
+__all__ = [
+    "CacheError",
+    "CacheLayout",
+    "CacheWriter",
+    "FAMILY_ENCODINGS",
+    "FailedInput",
+    "FamilyEncoding",
+    "ImageCaption",
+    "LatentCache",
+    "PreparationError",
+    "PreparationReport",
+    "RecordInfo",
+    "content_key",
+    "encode_images",
+    "encode_text",
+    "encode_uncond",
+    "family_of",
+    "list_image_captions",
+    "prepare_from_folder",
+    "prepare_from_prompts",
+    "prompt_seed",
+    "read_prompt_file",
+]

@@ -1,0 +1,239 @@
+"""``shortcutfm prepare``: encode training data once, so training needs neither VAE nor text encoders.
+
+Two sources, one cache format (:mod:`.cache`):
+
+* :func:`prepare_from_prompts`: the teacher pipeline samples each prompt (``output_type="latent"``, so nothing
+  is decoded and re-encoded), as the SCFM authors do (METHOD.md, "Data");
+* :func:`prepare_from_folder`: a user's images with captions, VAE-encoded at a fixed resolution.
+
+Both skip records whose content key is already cached and write the good records even when some inputs fail.
+Bad inputs (unreadable image, missing caption, image smaller than the resolution) are collected; with
+``on_error="raise"`` (the default: training on fewer images than the user gave should not pass silently) the
+run still encodes and caches every good input, then raises one :class:`PreparationError` listing every bad
+file, so one fix-and-re-run encodes only the fixed files. ``on_error="skip"`` logs them and returns the report.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .cache import CacheLayout, RecordInfo, content_key
+from .encode import FamilyEncoding, encode_images, encode_text, encode_uncond, family_of, teacher_latents_to_vae_layout
+from .inputs import ImageCaption, list_image_captions, read_prompt_file
+from .writer import CacheWriter
+
+logger = logging.getLogger(__name__)
+OnError = Literal["raise", "skip"]
+# Arguments prepare_from_prompts sets itself; pipeline_kwargs may not override them.
+_TEACHER_OWNED_ARGS = {"prompt", "height", "width", "num_inference_steps", "guidance_scale", "generator",
+                       "output_type", "return_dict", "max_sequence_length", "num_images_per_prompt", "latents"}
+
+
+@dataclass(frozen=True)
+class FailedInput:
+    path: str  # the file (relative to the folder) that could not be prepared
+    reason: str  # what is wrong with it and how to fix it
+
+
+@dataclass
+class PreparationReport:
+    """What one prepare run did."""
+
+    out_dir: Path
+    added: int = 0  # records encoded and cached by this run
+    already_cached: int = 0  # inputs skipped because a record with their content key was cached
+    failed: list[FailedInput] = field(default_factory=list)  # inputs that could not be prepared
+    num_records: int = 0  # records in the cache after this run
+
+    def summary(self) -> str:
+        lines = [f"{self.out_dir}: {self.added} records added, {self.already_cached} already cached, "
+                 f"{len(self.failed)} failed; the cache holds {self.num_records} records"]
+        lines += [f"  {failure.path}: {failure.reason}" for failure in self.failed]
+        return "\n".join(lines)
+
+
+class PreparationError(RuntimeError):
+    """Some inputs could not be prepared; every good one is cached. ``report`` lists the failures."""
+
+    def __init__(self, report: PreparationReport):
+        self.report = report
+        super().__init__(
+            f"{len(report.failed)} input(s) could not be prepared; the other {report.num_records} records are "
+            f"cached in {report.out_dir}. Fix these and re-run (only they will be encoded), or pass on_error='skip':\n"
+            + "\n".join(f"  {failure.path}: {failure.reason}" for failure in report.failed)
+        )
+
+
+def prompt_seed(base_seed: int, prompt: str, sample_index: int = 0) -> int:
+    """Noise seed of one teacher sample: from its prompt, not its line number, so reordering changes nothing."""
+    digest = content_key(int(base_seed).to_bytes(8, "little", signed=True), prompt, {"sample_index": sample_index})
+    return int(digest[:15], 16)
+
+
+def resolve_layout(pipe, height: int | None, width: int | None, max_sequence_length: int | None,
+                   model_id: str | None) -> tuple[FamilyEncoding, CacheLayout]:
+    """Family and cache layout for ``pipe``; ``None`` means the pipeline's default. Validates every value."""
+    family = family_of(pipe)
+    multiple = family.pixel_multiple(pipe)
+    default_size = pipe.default_sample_size * pipe.vae_scale_factor
+    sizes = {"height": height or default_size, "width": width or default_size}
+    for name, size in sizes.items():
+        if not isinstance(size, int) or size <= 0 or size % multiple:
+            raise ValueError(f"{name}={size!r} must be a positive multiple of {multiple} for this {family.name} pipeline")
+    model_id = model_id or pipe.name_or_path
+    if not model_id:
+        raise ValueError("pass model_id=...: this pipeline was not loaded from a hub id or a path, so the cache "
+                         "cannot record which model encoded it")
+    max_len = max_sequence_length or family.default_max_sequence_length
+    return family, CacheLayout(family.name, str(model_id), sizes["height"], sizes["width"], max_len)
+
+
+def _ensure_uncond(pipe, writer: CacheWriter, layout: CacheLayout) -> None:
+    if not writer.has_uncond:
+        writer.write_uncond(encode_uncond(pipe, layout.max_sequence_length))
+
+
+def _add_batch(writer: CacheWriter, records: list[RecordInfo], latents: torch.Tensor, text: Mapping) -> None:
+    for index, record in enumerate(records):
+        writer.add(record, {"latents": latents[index], **{name: tensor[index] for name, tensor in text.items()}})
+
+
+def _finish(report: PreparationReport, writer: CacheWriter, on_error: OnError) -> PreparationReport:
+    report.num_records = writer.num_records
+    if report.failed and on_error == "raise":
+        raise PreparationError(report)
+    if report.failed:
+        logger.warning("%s", report.summary())
+    return report
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+
+
+def _load_image(item: ImageCaption, settings: Mapping[str, Any], layout: CacheLayout, allow_upscale: bool,
+                writer: CacheWriter, report: PreparationReport) -> tuple[RecordInfo, Image.Image] | None:
+    """The record and RGB image of one folder item, or ``None`` (counted in ``report``) if cached or bad."""
+    if item.caption is None:
+        report.failed.append(FailedInput(item.relative_name, f"no caption; {item.missing_caption_hint}"))
+        return None
+    try:
+        image_bytes = item.image_path.read_bytes()
+    except OSError as error:
+        report.failed.append(FailedInput(item.relative_name, f"cannot be read ({error})"))
+        return None
+    key = content_key(image_bytes, item.caption, settings)
+    if writer.has(key):
+        report.already_cached += 1
+        return None
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as opened:
+            image = opened.convert("RGB")
+    except Exception as error:  # PIL raises many types for truncated/garbled files
+        report.failed.append(FailedInput(item.relative_name, f"is not a readable image ({type(error).__name__}: "
+                                                             f"{error}); replace or remove the file"))
+        return None
+    if not allow_upscale and (image.width < layout.width or image.height < layout.height):
+        report.failed.append(FailedInput(item.relative_name, f"is {image.width}x{image.height} pixels, smaller than "
+                                         f"the {layout.width}x{layout.height} resolution; use a larger image, a "
+                                         "smaller resolution, or allow_upscale=True"))
+        return None
+    return RecordInfo(key, item.caption, item.relative_name), image
+
+
+def prepare_from_folder(pipe, folder: str | Path, out_dir: str | Path, *, height: int | None = None,
+                        width: int | None = None, on_error: OnError = "raise", allow_upscale: bool = False,
+                        batch_size: int = 4, max_sequence_length: int | None = None, model_id: str | None = None,
+                        records_per_shard: int = 256, show_progress: bool = True) -> PreparationReport:
+    """Cache the VAE latents (resize + center crop to ``height x width``, latent mean) and caption embeddings of
+    the images in ``folder`` (see :mod:`.inputs` for the caption conventions) into ``out_dir``.
+
+    ``height``/``width`` default to the pipeline's default resolution; ``model_id`` to ``pipe.name_or_path``.
+    Raises :class:`PreparationError` after caching the good images if some failed and ``on_error="raise"``."""
+    _check_on_error(on_error)
+    _family, layout = resolve_layout(pipe, height, width, max_sequence_length, model_id)
+    items = list_image_captions(folder)
+    settings = {"source": "folder", **asdict(layout), "latents": "vae_latent_mean"}
+    report = PreparationReport(Path(out_dir))
+    with CacheWriter(out_dir, layout, {**settings, "folder": str(folder)}, records_per_shard) as writer:
+        _ensure_uncond(pipe, writer, layout)
+        batch: list[tuple[RecordInfo, Image.Image]] = []
+        for position, item in enumerate(tqdm(items, desc="encoding images", disable=not show_progress)):
+            loaded = _load_image(item, settings, layout, allow_upscale, writer, report)
+            batch += [loaded] if loaded else []
+            if batch and (len(batch) == batch_size or position == len(items) - 1):
+                records = [record for record, _ in batch]
+                latents = encode_images(pipe, [image for _, image in batch], layout.height, layout.width)
+                text = encode_text(pipe, [record.caption for record in records], layout.max_sequence_length)
+                _add_batch(writer, records, latents, text)
+                report.added += len(batch)
+                batch = []
+    return _finish(report, writer, on_error)
+
+
+def prepare_from_prompts(pipe, prompt_file: str | Path, out_dir: str | Path, *, num_steps: int = 32,
+                         height: int | None = None, width: int | None = None, guidance_scale: float | None = None,
+                         seed: int = 0, samples_per_prompt: int = 1, batch_size: int = 4,
+                         max_sequence_length: int | None = None, model_id: str | None = None,
+                         pipeline_kwargs: Mapping[str, Any] | None = None, records_per_shard: int = 256,
+                         show_progress: bool = True) -> PreparationReport:
+    """Sample the teacher ``pipe`` on every prompt of ``prompt_file`` (``num_steps`` steps, the pipeline's own
+    schedule) and cache the final latents with the prompt embeddings into ``out_dir``.
+
+    Sample ``i`` of a prompt uses ``torch.Generator("cpu").manual_seed(prompt_seed(seed, prompt, i))``; the stored
+    latents equal ``pipe(prompt, generator=that, output_type="latent", ...)`` (Flux's unpacked to (C, H, W)).
+    ``guidance_scale=None`` uses the pipeline's default; ``pipeline_kwargs`` go to ``pipe(...)`` as they are
+    (JSON-able values only, they are part of the records' keys). Duplicate prompts count as already cached."""
+    prompts = read_prompt_file(prompt_file)
+    _family, layout = resolve_layout(pipe, height, width, max_sequence_length, model_id)
+    for name, value in {"num_steps": num_steps, "samples_per_prompt": samples_per_prompt, "batch_size": batch_size}.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    extra = dict(pipeline_kwargs or {})
+    if _TEACHER_OWNED_ARGS & extra.keys():
+        raise ValueError(f"pipeline_kwargs may not set {sorted(_TEACHER_OWNED_ARGS & extra.keys())}; use the arguments")
+    if guidance_scale is None:
+        guidance_scale = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
+    try:
+        json.dumps(extra)
+    except TypeError as error:
+        raise ValueError(f"pipeline_kwargs must be JSON-able (they are part of each record's key): {error}") from None
+    settings = {"source": "teacher", **asdict(layout), "num_steps": num_steps,
+                "guidance_scale": float(guidance_scale), "pipeline_kwargs": extra}
+    report = PreparationReport(Path(out_dir))
+    with CacheWriter(out_dir, layout, settings, records_per_shard) as writer:
+        _ensure_uncond(pipe, writer, layout)
+        todo: list[RecordInfo] = []
+        for prompt in prompts:
+            for sample_index in range(samples_per_prompt):
+                noise_seed = prompt_seed(seed, prompt, sample_index)
+                key = content_key(noise_seed.to_bytes(8, "little"), prompt, settings)
+                if writer.has(key) or key in {record.key for record in todo}:
+                    report.already_cached += 1
+                else:
+                    todo.append(RecordInfo(key, prompt, "teacher", noise_seed))
+        progress = tqdm(total=len(todo), desc="sampling the teacher", disable=not show_progress)
+        for start in range(0, len(todo), batch_size):
+            records = todo[start:start + batch_size]
+            captions = [record.caption for record in records]
+            generators = [torch.Generator("cpu").manual_seed(record.seed) for record in records]
+            output = pipe(prompt=captions, height=layout.height, width=layout.width, num_inference_steps=num_steps,
+                          guidance_scale=guidance_scale, generator=generators, output_type="latent",
+                          max_sequence_length=layout.max_sequence_length, return_dict=False, **extra)[0]
+            latents = teacher_latents_to_vae_layout(pipe, output, layout.height, layout.width)
+            _add_batch(writer, records, latents, encode_text(pipe, captions, layout.max_sequence_length))
+            report.added += len(records)
+            progress.update(len(records))
+        progress.close()
+    return _finish(report, writer, "raise")
