@@ -1,0 +1,104 @@
+"""prepare_from_prompts: teacher-made data with tiny Flux / SD3 / Lumina 2 pipelines built from config."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+from diffusers_fixtures import LATENT_SIZE, TEXT_LENGTH, tiny_pipeline
+
+from shortcutfm.preparation import LatentCache, PreparationReport, prepare_from_folder, prepare_from_prompts, prompt_seed
+
+FAMILIES = ["flux", "sd3", "lumina2"]
+# Pixels giving the tiny transformers' 8x8 latents (Lumina2Pipeline assumes an 8x VAE whatever the VAE is).
+TEACHER_SIZE = {"flux": 16, "sd3": 16, "lumina2": 64}
+PROMPTS = ["a photo of a cat", "a red house", "a dog in the sky"]
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    built = {family: tiny_pipeline(family) for family in FAMILIES}
+    for pipe in built.values():
+        pipe.set_progress_bar_config(disable=True)
+    return built
+
+
+def prepare(pipe, family, prompt_file, out_dir, **kwargs) -> PreparationReport:
+    size = TEACHER_SIZE[family]
+    kwargs = {"num_steps": 2, "height": size, "width": size, "max_sequence_length": TEXT_LENGTH,
+              "model_id": "tiny", "show_progress": False, "batch_size": 2, **kwargs}
+    return prepare_from_prompts(pipe, prompt_file, out_dir, **kwargs)
+
+
+def pipeline_latents(pipe, family, prompt, seed):
+    """The pipeline's own output for one prompt, in (C, H, W) layout."""
+    size = TEACHER_SIZE[family]
+    output = pipe(prompt, height=size, width=size, num_inference_steps=2, output_type="latent",
+                  generator=torch.Generator("cpu").manual_seed(seed), max_sequence_length=TEXT_LENGTH,
+                  return_dict=False)[0]
+    if family == "flux":  # packed (B, tokens, C*4); the pipeline's own unpacking is the oracle here
+        output = pipe._unpack_latents(output, size, size, pipe.vae_scale_factor)
+    return output[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_latents_equal_the_pipeline_output(pipes, family, tmp_path):
+    pipe = pipes[family]
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("# teacher prompts\n" + "\n\n".join(PROMPTS) + "\n")
+    report = prepare(pipe, family, prompt_file, tmp_path / "cache")
+    assert (report.added, report.already_cached, report.num_records) == (3, 0, 3)
+
+    cache = LatentCache(tmp_path / "cache")
+    assert sorted(record.caption for record in cache.records) == sorted(PROMPTS)
+    batch = cache.get(torch.arange(3))
+    assert batch["latents"].shape == (3, 4, LATENT_SIZE, LATENT_SIZE)
+    for row, record in enumerate(cache.records):
+        assert record.seed == prompt_seed(0, record.caption) and record.source == "teacher"
+        expected = pipeline_latents(pipe, family, record.caption, record.seed)
+        torch.testing.assert_close(batch["latents"][row], expected, atol=1e-5, rtol=1e-4)
+    assert (tmp_path / "cache/uncond.safetensors").is_file()
+
+    # Re-running, even with the prompts in another order, adds nothing.
+    prompt_file.write_text("\n".join(reversed(PROMPTS)))
+    again = prepare(pipe, family, prompt_file, tmp_path / "cache")
+    assert (again.added, again.already_cached, again.num_records) == (0, 3, 3)
+
+
+def test_samples_per_prompt_seeds_and_duplicates(pipes, tmp_path):
+    prompt_file = tmp_path / "prompts.jsonl"
+    prompt_file.write_text('{"prompt": "a cat"}\n"a dog"\n"a cat"\n')
+    report = prepare(pipes["sd3"], "sd3", prompt_file, tmp_path / "cache", samples_per_prompt=2, seed=7)
+    assert (report.added, report.already_cached) == (4, 2)  # the repeated "a cat" is the same two records
+    cache = LatentCache(tmp_path / "cache")
+    assert {record.seed for record in cache.records} == {prompt_seed(7, p, i) for p in ["a cat", "a dog"] for i in (0, 1)}
+    latents = cache.get(torch.arange(4))["latents"]
+    assert not torch.allclose(latents[0], latents[1])
+
+
+def test_teacher_and_folder_records_share_a_cache(pipes, tmp_path):
+    from PIL import Image
+
+    pipe = pipes["flux"]
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    prepare(pipe, "flux", tmp_path / "prompts.txt", tmp_path / "cache")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "images/red.png")
+    (tmp_path / "images/red.txt").write_text("a red image")
+    prepare_from_folder(pipe, tmp_path / "images", tmp_path / "cache", height=16, width=16,
+                        max_sequence_length=TEXT_LENGTH, model_id="tiny", show_progress=False)
+    cache = LatentCache(tmp_path / "cache")
+    assert sorted(record.source for record in cache.records) == ["red.png", "teacher"]
+    assert len(cache.manifest["runs"]) == 2
+
+
+def test_argument_errors(pipes, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    with pytest.raises(ValueError, match=r"pipeline_kwargs may not set \['generator'\]"):
+        prepare(pipes["flux"], "flux", tmp_path / "prompts.txt", tmp_path / "cache", pipeline_kwargs={"generator": 1})
+    with pytest.raises(ValueError, match="num_steps must be a positive integer"):
+        prepare(pipes["flux"], "flux", tmp_path / "prompts.txt", tmp_path / "cache", num_steps=0)
+    with pytest.raises(ValueError, match="JSON-able"):
+        prepare(pipes["flux"], "flux", tmp_path / "prompts.txt", tmp_path / "cache",
+                pipeline_kwargs={"sigmas": torch.ones(2)})
