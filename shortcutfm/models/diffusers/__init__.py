@@ -1,0 +1,35 @@
+"""Diffusers model families for SCFM: velocity adapters, the LoRA student, export and pipeline sampling.
+
+Needs the ``diffusers`` extra (diffusers, peft, transformers). Nothing here is imported by ``shortcutfm.core``.
+"""
+
+from .adapters import adapter_tensors, tuner_layers, use_adapter
+from .export import EMA_WEIGHTS, STUDENT_WEIGHTS, export_lora, save_adapter
+from .families import (
+    FAMILIES,
+    FLUX,
+    LUMINA2,
+    SD3,
+    DiffusersVelocity,
+    FluxVelocity,
+    Lumina2Velocity,
+    ModelFamily,
+    PromptEncoding,
+    SD3Velocity,
+    family_of_pipeline,
+    get_family,
+    load_transformer,
+)
+from .guidance import EmbeddedGuidance, RealGuidance
+from .inference import sample_with_pipeline, sampling_grid
+from .lora_student import FAST_EMA, SLOW_EMA, STUDENT, LoraSettings, LoraStudent
+
+__all__ = [
+    "adapter_tensors", "tuner_layers", "use_adapter",
+    "EMA_WEIGHTS", "STUDENT_WEIGHTS", "export_lora", "save_adapter",
+    "FAMILIES", "FLUX", "LUMINA2", "SD3", "DiffusersVelocity", "FluxVelocity", "Lumina2Velocity", "ModelFamily",
+    "PromptEncoding", "SD3Velocity", "family_of_pipeline", "get_family", "load_transformer",
+    "EmbeddedGuidance", "RealGuidance",
+    "sample_with_pipeline", "sampling_grid",
+    "FAST_EMA", "SLOW_EMA", "STUDENT", "LoraSettings", "LoraStudent",
+]

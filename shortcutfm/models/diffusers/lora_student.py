@@ -1,0 +1,201 @@
+"""The LoRA student of a diffusers model: one frozen base, three peft adapters, no weight copies ever.
+
+* ``student`` (trainable, float32): what the optimiser updates; LoRA B starts at 0, so student == teacher.
+* ``ema_fast`` / ``ema_slow`` (never trainable, float32): the EMAs. Their own LoRA tensors are the EMA
+  shadows, so ``emas.update`` lerps straight into them. Single-EMA mode keeps only ``ema_slow``.
+* teacher: the same module with every adapter off.
+
+Target passes switch adapters on the *unwrapped* module with :func:`~.adapters.use_adapter` (which restores
+the active adapter and all ``requires_grad`` flags), under ``torch.no_grad``. The trainer may DDP-wrap
+``student.module`` with ``accelerate.prepare`` and run the student forward through the wrapper.
+
+    student = LoraStudent.from_pretrained("flux", "black-forest-labs/FLUX.1-dev",
+                                          lora=LoraSettings(rank=64, alpha=64), dtype=torch.bfloat16)
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from peft import LoraConfig
+
+from ...core.ema import EMASchedule, StudentEMAs
+from ...core.targets import TargetVelocities
+from ...core.velocity import VelocityModel
+from .adapters import adapter_tensors, tuner_layers, use_adapter
+from .families import ModelFamily, get_family, load_transformer
+from .families.base import DiffusersVelocity
+
+STUDENT, FAST_EMA, SLOW_EMA = "student", "ema_fast", "ema_slow"
+
+
+@dataclass
+class LoraSettings:
+    """The LoRA of the student (and of its EMAs). Defaults follow METHOD.md (rank 64, alpha 64)."""
+
+    rank: int = 64
+    """LoRA rank r."""
+    alpha: float = 64.0
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    target_modules: tuple[str, ...] | None = None
+    """peft module-name suffixes to adapt; None = the family's default (nearly every linear layer)."""
+    dropout: float = 0.0
+    """LoRA dropout on the student's input (0 keeps student, EMAs and teacher deterministic)."""
+
+    def __post_init__(self) -> None:
+        if self.target_modules is not None:
+            self.target_modules = tuple(self.target_modules)
+            if not self.target_modules:
+                raise ValueError("lora.target_modules is empty: list module names, or use None for the default")
+        if self.rank < 1:
+            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+    def peft_config(self, default_targets: tuple[str, ...]) -> LoraConfig:
+        return LoraConfig(
+            r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, init_lora_weights=True,
+            target_modules=list(self.target_modules or default_targets),
+        )
+
+
+class _AdapterVelocity:
+    """The student's module evaluated with one adapter (None = none: the teacher), without gradient."""
+
+    def __init__(self, student: "LoraStudent", adapter_name: str | None):
+        self.student = student
+        self.adapter_name = adapter_name
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        with self.student.adapter(self.adapter_name):
+            return self.student.module(x, sigma, **cond)
+
+
+class LoraStudent:
+    """Implements :class:`shortcutfm.models.student.Student` for a diffusers transformer with LoRA.
+
+    Args:
+        velocity: the family adapter around the pretrained transformer (``family.velocity(transformer)``);
+            its transformer must not have adapters yet. Its base weights are frozen here.
+        family: the model family (name or object): default LoRA targets and guidance.
+        lora: rank, alpha and targets of the adapters.
+        schedule: EMA mode and decays ("single" keeps only ``ema_slow``).
+        uncond: empty-prompt embeddings (1, ...) for real-CFG families (``family.encode_prompts(...).uncond``).
+        guidance_scale: CFG scale ``w`` for real-CFG families (None = the family's default).
+        gradient_checkpointing: recompute transformer blocks in the backward pass.
+    """
+
+    def __init__(
+        self,
+        velocity: DiffusersVelocity,
+        family: str | ModelFamily,
+        *,
+        lora: LoraSettings | None = None,
+        schedule: EMASchedule | None = None,
+        uncond: Mapping[str, torch.Tensor] | None = None,
+        guidance_scale: float | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        self.family = get_family(family)
+        self.lora = lora or LoraSettings()
+        schedule = schedule or EMASchedule()
+        self.module = velocity
+        transformer = velocity.transformer
+        if getattr(transformer, "peft_config", None):
+            raise ValueError(f"the transformer already has adapters {sorted(transformer.peft_config)}: pass a clean one")
+        transformer.requires_grad_(False)
+        self.ema_names = [SLOW_EMA] if schedule.mode == "single" else [FAST_EMA, SLOW_EMA]
+        with warnings.catch_warnings():  # peft warns that several adapters share the model: that is the design
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            for name in (*self.ema_names, STUDENT):
+                transformer.add_adapter(self.lora.peft_config(self.family.lora_target_modules), adapter_name=name)
+        self._layers = tuner_layers(transformer)
+        for layer in self._layers:
+            layer.set_adapter(STUDENT)  # student active and trainable, EMAs frozen
+        for name, param in transformer.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.float()
+        velocity.set_gradient_checkpointing(gradient_checkpointing)
+
+        self._student = adapter_tensors(transformer, STUDENT)
+        shadows = {name: adapter_tensors(transformer, name) for name in self.ema_names}
+        for name, tensors in shadows.items():
+            if set(tensors) != set(self._student):
+                raise RuntimeError(f"adapter {name!r} does not mirror the student's LoRA tensors")
+            with torch.no_grad():
+                for key, tensor in tensors.items():
+                    tensor.copy_(self._student[key])
+        self.emas = StudentEMAs(schedule, slow_shadow=shadows[SLOW_EMA], fast_shadow=shadows.get(FAST_EMA))
+        self.wrap = self.family.guidance.wrap(uncond, guidance_scale)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        family: str | ModelFamily,
+        pretrained_path_or_id: str,
+        *,
+        lora: LoraSettings | None = None,
+        schedule: EMASchedule | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        subfolder: str | None = "transformer",
+        uncond: Mapping[str, torch.Tensor] | None = None,
+        guidance_scale: float | None = None,
+        gradient_checkpointing: bool = True,
+    ) -> "LoraStudent":
+        """Load the family's transformer in ``dtype`` (frozen base) and add the float32 adapters."""
+        family = get_family(family)
+        transformer = load_transformer(family, pretrained_path_or_id, subfolder=subfolder, dtype=dtype)
+        return cls(
+            family.velocity(transformer), family, lora=lora, schedule=schedule, uncond=uncond,
+            guidance_scale=guidance_scale, gradient_checkpointing=gradient_checkpointing,
+        )
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.module.transformer
+
+    def adapter(self, adapter_name: str | None):
+        """Context manager: only ``adapter_name`` active (None: all off); restores adapters and grad flags."""
+        return use_adapter(self.transformer, adapter_name, self._layers)
+
+    def training_cond(self, cond: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> dict:
+        """The family's per-sample training extras (Flux: a guidance value per sample)."""
+        return self.family.training_cond(cond, generator)
+
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """The student's LoRA parameters, keyed like the EMA shadows (adapter name removed)."""
+        return dict(self._student)
+
+    def target_velocities(self) -> TargetVelocities:
+        """Unguided teacher (adapters off), fast-EMA and slow-EMA velocities; each call runs under no_grad."""
+        fast = FAST_EMA if FAST_EMA in self.ema_names else SLOW_EMA
+        return TargetVelocities(
+            teacher=_AdapterVelocity(self, None),
+            fast_ema=_AdapterVelocity(self, fast),
+            slow_ema=_AdapterVelocity(self, SLOW_EMA),
+        )
+
+    def ema_velocity(self) -> VelocityModel:
+        """The slow EMA as an (unguided) velocity model, for evaluation."""
+        return _AdapterVelocity(self, SLOW_EMA)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of the student's LoRA tensors (the peft/diffusers keys without the ``transformer.`` prefix)."""
+        return {name: tensor.detach().clone() for name, tensor in self._student.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if set(state) != set(self._student):
+            missing, extra = set(self._student) - set(state), set(state) - set(self._student)
+            raise KeyError(
+                f"student LoRA state differs: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}; "
+                "was it saved with the same family and lora.target_modules?"
+            )
+        for name, value in state.items():
+            self._student[name].copy_(value)

@@ -1,0 +1,141 @@
+"""Family adapters: the velocity contract and each boundary conversion (packing, x1000, inverted time)."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+from diffusers_fixtures import FAMILY_NAMES, tiny_latents, tiny_transformer
+from shortcutfm.models.diffusers import FAMILIES, FLUX, LUMINA2, SD3, get_family, load_transformer
+from shortcutfm.models.diffusers.families.flux import latent_image_ids, pack_latents, unpack_latents
+
+torch.set_num_threads(1)
+
+
+def tiny_cond(family: str, batch: int = 2, seed: int = 0) -> dict:
+    """Random cond with the family's keys and the tiny models' widths (plus Flux's guidance)."""
+    g = torch.Generator().manual_seed(seed)
+    cond = {"prompt_embeds": torch.randn(batch, 6, 32, generator=g)}
+    if family in ("flux", "sd3"):
+        cond["pooled_prompt_embeds"] = torch.randn(batch, 32 if family == "flux" else 64, generator=g)
+    if family == "lumina2":
+        mask = torch.ones(batch, 6, dtype=torch.long)
+        mask[0, 4:] = 0  # padded text in the first row
+        cond["prompt_attention_mask"] = mask
+    if family == "flux":
+        cond["guidance"] = torch.tensor([1.0, 4.5])[:batch]
+    return cond
+
+
+class Recorder:
+    """Records the keyword arguments and the first output of the transformer's forward."""
+
+    def __init__(self, transformer):
+        self.kwargs, self.output = None, None
+        transformer.register_forward_pre_hook(self.before, with_kwargs=True)
+        transformer.register_forward_hook(self.after)
+
+    def before(self, module, args, kwargs):
+        self.kwargs = dict(kwargs)
+
+    def after(self, module, args, output):
+        self.output = output[0]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_contract_shape_dtype_and_rows_are_independent(family):
+    velocity = get_family(family).velocity(tiny_transformer(family))
+    latents, sigma, cond = tiny_latents(family), torch.tensor([0.9, 0.3]), tiny_cond(family)
+    with torch.no_grad():
+        v = velocity(latents, sigma, **cond)
+        row = velocity(latents[1:], sigma[1:], **{k: t[1:] for k, t in cond.items()})
+    assert v.shape == latents.shape and v.dtype == latents.dtype
+    torch.testing.assert_close(v[1:], row, atol=1e-5, rtol=1e-5)
+
+
+def test_flux_packing_layout_and_round_trip():
+    latents = torch.randn(2, 4, 6, 8)
+    tokens = pack_latents(latents)
+    assert tokens.shape == (2, 3 * 4, 16)
+    # token (r, c) holds channel ch of pixel (2r + dy, 2c + dx) at position ch * 4 + dy * 2 + dx
+    for r, c, ch, dy, dx in [(0, 0, 0, 0, 0), (1, 2, 3, 1, 0), (2, 3, 1, 1, 1), (0, 1, 2, 0, 1)]:
+        assert tokens[1, r * 4 + c, ch * 4 + dy * 2 + dx] == latents[1, ch, 2 * r + dy, 2 * c + dx]
+    assert torch.equal(unpack_latents(tokens, 6, 8), latents)
+    ids = latent_image_ids(6, 8)
+    assert ids.shape == (12, 3) and ids[:, 0].eq(0).all()
+    assert ids[5].tolist() == [0.0, 1.0, 1.0]  # token 5 = row 1, column 1 of a 3 x 4 token grid
+
+
+def test_flux_passes_sigma_raw_guidance_and_ids():
+    transformer = tiny_transformer("flux")
+    record = Recorder(transformer)
+    sigma, cond = torch.tensor([0.8, 0.25]), tiny_cond("flux")
+    latents = tiny_latents("flux")
+    with torch.no_grad():
+        v = FLUX.velocity(transformer)(latents, sigma, **cond)
+    kwargs = record.kwargs
+    assert torch.equal(kwargs["timestep"], sigma)  # FluxPipeline passes (1000 sigma) / 1000
+    assert torch.equal(kwargs["guidance"], cond["guidance"])  # raw value; the model multiplies by 1000
+    assert torch.equal(kwargs["hidden_states"], pack_latents(latents))
+    assert torch.equal(kwargs["img_ids"], latent_image_ids(8, 8))
+    assert torch.equal(kwargs["txt_ids"], torch.zeros(6, 3))
+    assert torch.equal(v, unpack_latents(record.output, 8, 8))
+
+
+def test_sd3_timestep_is_sigma_times_1000():
+    transformer = tiny_transformer("sd3")
+    record = Recorder(transformer)
+    sigma = torch.tensor([0.8, 0.25])
+    with torch.no_grad():
+        v = SD3.velocity(transformer)(tiny_latents("sd3"), sigma, **tiny_cond("sd3"))
+    torch.testing.assert_close(record.kwargs["timestep"], torch.tensor([800.0, 250.0]))
+    assert torch.equal(v, record.output)
+
+
+def test_lumina2_time_is_inverted_and_velocity_negated():
+    transformer = tiny_transformer("lumina2")
+    record = Recorder(transformer)
+    sigma, cond = torch.tensor([0.8, 0.25]), tiny_cond("lumina2")
+    with torch.no_grad():
+        v = LUMINA2.velocity(transformer)(tiny_latents("lumina2"), sigma, **cond)
+    torch.testing.assert_close(record.kwargs["timestep"], torch.tensor([0.2, 0.75]))
+    assert torch.equal(record.kwargs["encoder_attention_mask"], cond["prompt_attention_mask"])
+    assert torch.equal(v, -record.output)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_bfloat16_transformer_keeps_the_callers_dtype(family):
+    velocity = get_family(family).velocity(tiny_transformer(family, dtype=torch.bfloat16))
+    with torch.no_grad():
+        v = velocity(tiny_latents(family), torch.tensor([0.5, 0.5]), **tiny_cond(family))
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+
+
+def test_input_errors_name_the_fix():
+    velocity = FLUX.velocity(tiny_transformer("flux"))
+    cond = tiny_cond("flux")
+    with pytest.raises(ValueError, match="guidance"):
+        velocity(tiny_latents("flux"), torch.rand(2), **{k: v for k, v in cond.items() if k != "guidance"})
+    with pytest.raises(ValueError, match="even height"):
+        velocity(torch.randn(2, 4, 7, 8), torch.rand(2), **cond)
+    with pytest.raises(ValueError, match="sigma must have shape"):
+        velocity(tiny_latents("flux"), torch.rand(1), **cond)
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        velocity(torch.randn(2, 16, 4), torch.rand(2), **cond)
+
+
+def test_registry_and_load_transformer(tmp_path):
+    assert set(FAMILIES) == {"flux", "sd3", "lumina2"}
+    with pytest.raises(ValueError, match="choose one of"):
+        get_family("sdxl")
+    tiny_transformer("sd3").save_pretrained(tmp_path / "transformer")
+    loaded = load_transformer("sd3", str(tmp_path), dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16 and not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_jump_sampling_defaults_per_family():
+    assert FLUX.jump_sampling().alt_shift == "dynamic"
+    assert SD3.jump_sampling(alt_shift_prob=0.0).alt_shift_prob == 0.0
+    assert SD3.jump_sampling().shift_range == (2.5, 4.5)
