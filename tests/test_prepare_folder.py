@@ -57,7 +57,8 @@ def reference_text(pipe, family, prompt):
     if prompt == "":  # Lumina 2's CFG branch encodes "" without the system prompt
         _, _, embeds, mask = pipe.encode_prompt("x", do_classifier_free_guidance=True, max_sequence_length=TEXT_LENGTH)
     else:
-        embeds, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=TEXT_LENGTH)
+        embeds, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                                max_sequence_length=TEXT_LENGTH)
     return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
 
@@ -143,6 +144,18 @@ def test_small_images_error_skip_and_upscale(pipes, tmp_path):
     assert [failure.path for failure in report.failed] == ["tiny.png"] and report.num_records == 2
     upscaled = prepare(pipe, tmp_path / "images", tmp_path / "cache", allow_upscale=True)
     assert (upscaled.added, upscaled.num_records) == (1, 3)
+
+
+def test_camera_orientation_is_applied(pipes, tmp_path):
+    (tmp_path / "images").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to display": stored 16 wide x 8 high, shown 8 x 16
+    Image.new("RGB", (SIZE, SIZE // 2)).save(tmp_path / "images/phone.jpg", exif=exif)
+    (tmp_path / "images/phone.txt").write_text("a photo")
+    (tmp_path / "images/._phone.jpg").write_bytes(b"macOS resource fork, not an image")
+    with pytest.raises(PreparationError, match=r"phone.jpg: is 8x16 pixels") as raised:
+        prepare(pipes["flux"], tmp_path / "images", tmp_path / "cache")
+    assert len(raised.value.report.failed) == 1  # the dotfile is not an input
 
 
 def test_setting_errors(pipes, tmp_path):

@@ -8,7 +8,13 @@ import pytest
 import torch
 from diffusers_fixtures import LATENT_SIZE, TEXT_LENGTH, tiny_pipeline
 
-from shortcutfm.preparation import LatentCache, PreparationReport, prepare_from_folder, prepare_from_prompts, prompt_seed
+from shortcutfm.preparation import (
+    LatentCache,
+    PreparationReport,
+    prepare_from_folder,
+    prepare_from_prompts,
+    prompt_seed,
+)
 
 FAMILIES = ["flux", "sd3", "lumina2"]
 # Pixels giving the tiny transformers' 8x8 latents (Lumina2Pipeline assumes an 8x VAE whatever the VAE is).
@@ -72,7 +78,8 @@ def test_samples_per_prompt_seeds_and_duplicates(pipes, tmp_path):
     report = prepare(pipes["sd3"], "sd3", prompt_file, tmp_path / "cache", samples_per_prompt=2, seed=7)
     assert (report.added, report.already_cached) == (4, 2)  # the repeated "a cat" is the same two records
     cache = LatentCache(tmp_path / "cache")
-    assert {record.seed for record in cache.records} == {prompt_seed(7, p, i) for p in ["a cat", "a dog"] for i in (0, 1)}
+    expected_seeds = {prompt_seed(7, prompt, index) for prompt in ["a cat", "a dog"] for index in (0, 1)}
+    assert {record.seed for record in cache.records} == expected_seeds
     latents = cache.get(torch.arange(4))["latents"]
     assert not torch.allclose(latents[0], latents[1])
 

@@ -76,8 +76,9 @@ def read_manifest(cache_dir: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CacheError(f"{path} is unreadable ({error}); {RERUN_HINT}") from error
     required = {"format_version", "layout", "tensors", "shards", "num_records"}
-    if not isinstance(manifest, dict) or not required <= manifest.keys():
-        raise CacheError(f"{path} lacks fields {sorted(required - set(manifest or {}))}; {RERUN_HINT}")
+    present = set(manifest) if isinstance(manifest, dict) else set()
+    if not required <= present:
+        raise CacheError(f"{path} lacks fields {sorted(required - present)}; {RERUN_HINT}")
     if manifest["format_version"] != FORMAT_VERSION:
         raise CacheError(
             f"{path} has cache format {manifest['format_version']}, this version reads {FORMAT_VERSION}; "
@@ -118,7 +119,9 @@ def read_shard(path: Path) -> Shard:
         raise CacheError(f"shard {path} is corrupt ({type(error).__name__}: {error}); {RERUN_HINT}") from error
     for name, tensor in tensors.items():
         if tensor.shape[0] != len(records):
-            raise CacheError(f"shard {path}: {name} has {tensor.shape[0]} rows for {len(records)} records; {RERUN_HINT}")
+            raise CacheError(
+                f"shard {path}: {name} has {tensor.shape[0]} rows for {len(records)} records; {RERUN_HINT}"
+            )
     return Shard(path, layout, records, tensors)
 
 

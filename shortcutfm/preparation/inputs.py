@@ -93,7 +93,10 @@ def list_image_captions(folder: str | Path) -> list[ImageCaption]:
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} not found")
     indexed = _caption_index(folder)
-    names = {path.name for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()}
+    names = {  # dotfiles skipped: "._x.png" are macOS resource forks, not images
+        path.name for path in folder.iterdir()
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not path.name.startswith(".")
+    }
     names.update(name for name in indexed if Path(name).suffix.lower() in IMAGE_SUFFIXES)
     if not names:
         raise ValueError(

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from .cache import CacheLayout, RecordInfo, content_key
@@ -34,9 +34,12 @@ from .writer import CacheWriter
 
 logger = logging.getLogger(__name__)
 OnError = Literal["raise", "skip"]
-# Arguments prepare_from_prompts sets itself; pipeline_kwargs may not override them.
+# Arguments prepare_from_prompts sets itself, or that would make the teacher see other text embeddings than
+# the ones cached for its samples; pipeline_kwargs may not set them.
 _TEACHER_OWNED_ARGS = {"prompt", "height", "width", "num_inference_steps", "guidance_scale", "generator",
-                       "output_type", "return_dict", "max_sequence_length", "num_images_per_prompt", "latents"}
+                       "output_type", "return_dict", "max_sequence_length", "num_images_per_prompt", "latents",
+                       "prompt_2", "prompt_3", "prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask",
+                       "system_prompt", "clip_skip"}
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,9 @@ class PreparationError(RuntimeError):
     def __init__(self, report: PreparationReport):
         self.report = report
         super().__init__(
-            f"{len(report.failed)} input(s) could not be prepared; the other {report.num_records} records are "
-            f"cached in {report.out_dir}. Fix these and re-run (only they will be encoded), or pass on_error='skip':\n"
+            f"{len(report.failed)} input(s) could not be prepared; every good one is cached ({report.num_records} "
+            f"records in {report.out_dir}). Fix these and re-run (only they will be encoded), or pass "
+            "on_error='skip':\n"
             + "\n".join(f"  {failure.path}: {failure.reason}" for failure in report.failed)
         )
 
@@ -86,15 +90,19 @@ def resolve_layout(pipe, height: int | None, width: int | None, max_sequence_len
     family = family_of(pipe)
     multiple = family.pixel_multiple(pipe)
     default_size = pipe.default_sample_size * pipe.vae_scale_factor
-    sizes = {"height": height or default_size, "width": width or default_size}
+    sizes = {"height": default_size if height is None else height, "width": default_size if width is None else width}
     for name, size in sizes.items():
         if not isinstance(size, int) or size <= 0 or size % multiple:
-            raise ValueError(f"{name}={size!r} must be a positive multiple of {multiple} for this {family.name} pipeline")
+            raise ValueError(
+                f"{name}={size!r} must be a positive multiple of {multiple} for this {family.name} pipeline"
+            )
     model_id = model_id or pipe.name_or_path
     if not model_id:
         raise ValueError("pass model_id=...: this pipeline was not loaded from a hub id or a path, so the cache "
                          "cannot record which model encoded it")
-    max_len = max_sequence_length or family.default_max_sequence_length
+    max_len = family.default_max_sequence_length if max_sequence_length is None else max_sequence_length
+    if not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"max_sequence_length must be a positive integer, got {max_len!r}")
     return family, CacheLayout(family.name, str(model_id), sizes["height"], sizes["width"], max_len)
 
 
@@ -139,7 +147,7 @@ def _load_image(item: ImageCaption, settings: Mapping[str, Any], layout: CacheLa
         return None
     try:
         with Image.open(io.BytesIO(image_bytes)) as opened:
-            image = opened.convert("RGB")
+            image = ImageOps.exif_transpose(opened).convert("RGB")  # camera orientation, as diffusers' load_image
     except Exception as error:  # PIL raises many types for truncated/garbled files
         report.failed.append(FailedInput(item.relative_name, f"is not a readable image ({type(error).__name__}: "
                                                              f"{error}); replace or remove the file"))
@@ -197,7 +205,8 @@ def prepare_from_prompts(pipe, prompt_file: str | Path, out_dir: str | Path, *, 
     (JSON-able values only, they are part of the records' keys). Duplicate prompts count as already cached."""
     prompts = read_prompt_file(prompt_file)
     _family, layout = resolve_layout(pipe, height, width, max_sequence_length, model_id)
-    for name, value in {"num_steps": num_steps, "samples_per_prompt": samples_per_prompt, "batch_size": batch_size}.items():
+    counts = {"num_steps": num_steps, "samples_per_prompt": samples_per_prompt, "batch_size": batch_size}
+    for name, value in counts.items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     extra = dict(pipeline_kwargs or {})

@@ -37,7 +37,10 @@ from .cache import (
 
 logger = logging.getLogger(__name__)
 
-LATENT_ENCODING = "vae.encode(image).latent_dist.mean, then (z - shift_factor) * scaling_factor; teacher latents as the pipeline returns them (Flux unpacked)"
+LATENT_ENCODING = (  # recorded in the manifest
+    "images: vae.encode(image).latent_dist.mean, then (z - shift_factor) * scaling_factor; "
+    "teacher samples: the pipeline's output_type='latent' result (Flux unpacked to C, H, W)"
+)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -157,7 +160,9 @@ class CacheWriter:
         single = {name: tensor.detach().cpu().unsqueeze(0) for name, tensor in tensors.items()}
         self._check_or_set_specs(single, f"record from {record.source!r}")
         if set(single) != set(self.tensor_specs):
-            raise CacheError(f"record from {record.source!r} has tensors {sorted(single)}, expected {sorted(self.tensor_specs)}")
+            raise CacheError(
+                f"record from {record.source!r} has tensors {sorted(single)}, expected {sorted(self.tensor_specs)}"
+            )
         self._pending_records.append(record)
         self._pending_tensors.append({name: tensor[0] for name, tensor in single.items()})
         self._pending_keys.add(record.key)
