@@ -84,6 +84,21 @@ def tiny_latents(family: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, LATENT_CHANNELS[family], LATENT_SIZE, LATENT_SIZE, generator=generator)
 
 
+def tiny_cond(family: str, batch: int = 2, seed: int = 0) -> dict:
+    """Random cond for ``family``'s tiny transformer: its cache keys and widths (plus Flux's guidance)."""
+    g = torch.Generator().manual_seed(seed)
+    cond = {"prompt_embeds": torch.randn(batch, 6, 32, generator=g)}
+    if family in ("flux", "sd3"):
+        cond["pooled_prompt_embeds"] = torch.randn(batch, 32 if family == "flux" else 64, generator=g)
+    if family == "lumina2":
+        mask = torch.ones(batch, 6, dtype=torch.long)
+        mask[0, 4:] = 0  # padded text in the first row
+        cond["prompt_attention_mask"] = mask
+    if family == "flux":
+        cond["guidance"] = torch.tensor([1.0, 4.5])[:batch]
+    return cond
+
+
 def tiny_tokenizer(max_length: int = TEXT_LENGTH) -> PreTrainedTokenizerFast:
     vocab = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2, "[EOS]": 3}
     vocab.update({word: i + len(vocab) for i, word in enumerate(WORDS)})

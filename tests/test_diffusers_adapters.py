@@ -7,26 +7,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-from diffusers_fixtures import FAMILY_NAMES, tiny_latents, tiny_transformer
+from diffusers_fixtures import FAMILY_NAMES, tiny_cond, tiny_latents, tiny_transformer
 from shortcutfm.models.diffusers import FAMILIES, FLUX, LUMINA2, SD3, get_family, load_transformer
 from shortcutfm.models.diffusers.families.flux import latent_image_ids, pack_latents, unpack_latents
 
 torch.set_num_threads(1)
-
-
-def tiny_cond(family: str, batch: int = 2, seed: int = 0) -> dict:
-    """Random cond with the family's keys and the tiny models' widths (plus Flux's guidance)."""
-    g = torch.Generator().manual_seed(seed)
-    cond = {"prompt_embeds": torch.randn(batch, 6, 32, generator=g)}
-    if family in ("flux", "sd3"):
-        cond["pooled_prompt_embeds"] = torch.randn(batch, 32 if family == "flux" else 64, generator=g)
-    if family == "lumina2":
-        mask = torch.ones(batch, 6, dtype=torch.long)
-        mask[0, 4:] = 0  # padded text in the first row
-        cond["prompt_attention_mask"] = mask
-    if family == "flux":
-        cond["guidance"] = torch.tensor([1.0, 4.5])[:batch]
-    return cond
 
 
 class Recorder:

@@ -1,0 +1,183 @@
+"""The LoRA student: adapters, EMA shadows that are adapter weights, safe adapter switching, checkpoints."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+from diffusers_fixtures import tiny_cond, tiny_latents, tiny_transformer
+from shortcutfm.core import EMASchedule, scfm_loss, scfm_targets, sample_jumps
+from shortcutfm.models.diffusers import FLUX, SD3, LoraSettings, LoraStudent, adapter_tensors
+
+torch.set_num_threads(1)
+
+
+def make_student(family="flux", mode="dual", dtype=torch.float32, **kwargs) -> LoraStudent:
+    transformer = tiny_transformer(family, dtype=dtype)
+    schedule = EMASchedule(mode=mode, fast_decay=0.9, slow_decay=0.99)
+    kwargs.setdefault("guidance_scale", 0.0)
+    return LoraStudent(FLUX.velocity(transformer) if family == "flux" else SD3.velocity(transformer), family,
+                       lora=LoraSettings(rank=4, alpha=4), schedule=schedule, **kwargs)
+
+
+def perturb(tensors, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in tensors.values():
+            tensor.copy_(torch.randn(tensor.shape, generator=g) * 0.1)
+
+
+def grad_flags(module):
+    return {name: p.requires_grad for name, p in module.named_parameters()}
+
+
+def snapshot(tensors):
+    return {name: t.detach().clone() for name, t in tensors.items()}
+
+
+def inputs(family="flux"):
+    return tiny_latents(family), torch.tensor([0.7, 0.2]), tiny_cond(family)
+
+
+def test_only_student_lora_is_trainable_in_float32_on_a_bfloat16_base():
+    student = make_student(dtype=torch.bfloat16)
+    trainable = {n for n, p in student.transformer.named_parameters() if p.requires_grad}
+    assert trainable and all(".student." in n for n in trainable)
+    assert len(trainable) == len(student.trainable_tensors()) == 60  # every linear layer of tiny Flux
+    for name, p in student.transformer.named_parameters():
+        assert p.dtype == (torch.float32 if "lora_" in name else torch.bfloat16), name
+
+
+def test_emas_are_the_adapter_weights_and_start_as_the_student():
+    student = make_student()
+    keys = set(student.trainable_tensors())
+    for ema, adapter in ((student.emas.fast, "ema_fast"), (student.emas.slow, "ema_slow")):
+        weights = adapter_tensors(student.transformer, adapter)
+        assert set(ema.shadow) == keys == set(weights)
+        assert all(ema.shadow[k] is weights[k] for k in keys)  # shadows are the adapter's own tensors
+        assert all(torch.equal(weights[k], student.trainable_tensors()[k]) for k in keys)
+    x, sigma, cond = inputs()
+    targets = student.target_velocities()
+    with torch.no_grad():
+        v_student = student.module(x, sigma, **cond)
+    for role in (targets.teacher, targets.fast_ema, targets.slow_ema):
+        assert torch.equal(role(x, sigma, **cond), v_student)  # LoRA B = 0: student == teacher == EMAs
+
+
+def test_single_mode_keeps_one_ema_for_both_roles():
+    student = make_student(mode="single")
+    assert student.emas.fast is student.emas.slow
+    assert set(student.transformer.peft_config) == {"student", "ema_slow"}
+    targets = student.target_velocities()
+    assert targets.fast_ema.adapter_name == targets.slow_ema.adapter_name == "ema_slow"
+
+
+def test_teacher_pass_is_bit_exact_with_a_fresh_transformer():
+    student = make_student()
+    perturb(student.trainable_tensors(), 1)
+    perturb(student.emas.slow.shadow, 2)
+    x, sigma, cond = inputs()
+    fresh = FLUX.velocity(tiny_transformer("flux"))
+    with torch.no_grad():
+        expected = fresh(x, sigma, **cond)
+        assert not torch.equal(student.module(x, sigma, **cond), expected)
+    assert torch.equal(student.target_velocities().teacher(x, sigma, **cond), expected)
+
+
+def test_target_passes_restore_active_adapter_and_grad_flags_exactly():
+    student = make_student()
+    perturb(student.trainable_tensors(), 1)
+    before = grad_flags(student.transformer)
+    x, sigma, cond = inputs()
+    with torch.no_grad():
+        v_before = student.module(x, sigma, **cond)
+    targets = student.target_velocities()
+    for role in (targets.teacher, targets.fast_ema, targets.slow_ema, student.ema_velocity()):
+        role(x, sigma, **cond)
+        assert grad_flags(student.transformer) == before
+    with pytest.raises(RuntimeError, match="boom"), student.adapter("ema_fast"):
+        raise RuntimeError("boom")
+    assert grad_flags(student.transformer) == before
+    with student.adapter(None), student.adapter("ema_slow"):  # nested switches unwind in order
+        pass
+    assert grad_flags(student.transformer) == before
+    assert student.transformer.active_adapters() == ["student"]
+    with torch.no_grad():
+        assert torch.equal(student.module(x, sigma, **cond), v_before)
+
+
+def test_optimizer_step_leaves_emas_and_update_is_the_exact_lerp():
+    student = make_student()
+    perturb(student.trainable_tensors(), 1)
+    slow_before, fast_before = snapshot(student.emas.slow.shadow), snapshot(student.emas.fast.shadow)
+    optimizer = torch.optim.AdamW(student.trainable_tensors().values(), lr=1e-2, weight_decay=0.1)
+    x, sigma, cond = inputs()
+    student.module(x, sigma, **cond).pow(2).mean().backward()
+    optimizer.step()
+    assert all(torch.equal(student.emas.slow.shadow[k], slow_before[k]) for k in slow_before)
+    assert all(torch.equal(student.emas.fast.shadow[k], fast_before[k]) for k in fast_before)
+    live = student.trainable_tensors()
+    student.emas.update(1, live)
+    for ema, before in ((student.emas.slow, slow_before), (student.emas.fast, fast_before)):
+        for k, old in before.items():
+            expected = old + (1 - ema.decay) * (live[k].detach() - old)
+            torch.testing.assert_close(ema.shadow[k], expected, rtol=0, atol=1e-7)
+    with torch.no_grad():  # the EMA pass sees the moved adapter weights without any copy into the student
+        slow = student.ema_velocity()(x, sigma, **cond)
+        assert not torch.equal(slow, student.module(x, sigma, **cond))
+
+
+def test_state_dict_round_trip_and_key_errors():
+    student = make_student()
+    perturb(student.trainable_tensors(), 3)
+    state = student.state_dict()
+    assert all(".student." not in k for k in state)
+    other = make_student()
+    other.load_state_dict(state)
+    assert all(torch.equal(other.trainable_tensors()[k], v) for k, v in state.items())
+    with pytest.raises(KeyError, match="missing"):
+        other.load_state_dict({k: v for k, v in list(state.items())[1:]})
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        student = make_student(gradient_checkpointing=checkpointing)
+        perturb(student.trainable_tensors(), 4)
+        x, sigma, cond = inputs()
+        student.module(x, sigma, **cond).pow(2).mean().backward()
+        grads.append({k: p.grad.clone() for k, p in student.trainable_tensors().items()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5)
+
+
+def test_one_scfm_step_with_cfg_trains_only_the_student():
+    cond = tiny_cond("sd3")
+    uncond = {k: v[:1] * 0 for k, v in cond.items()}
+    student = make_student("sd3", uncond=uncond, guidance_scale=3.5)
+    perturb(student.trainable_tensors(), 5)
+    jumps = sample_jumps(2, SD3.jump_sampling(teacher_prob=0.5), torch.Generator().manual_seed(0))
+    targets = student.target_velocities()
+    wrapped = type(targets)(*(student.wrap(v) for v in (targets.teacher, targets.fast_ema, targets.slow_ema)))
+    x0, noise = tiny_latents("sd3", seed=1), tiny_latents("sd3", seed=2)
+    flags = grad_flags(student.transformer)
+    batch = scfm_targets(x0, noise, jumps, wrapped, cond)
+    assert grad_flags(student.transformer) == flags
+    loss = scfm_loss(student.wrap(student.module)(batch.x, batch.sigma, **cond), batch).loss
+    loss.backward()
+    with_grad = {n for n, p in student.transformer.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, p in student.transformer.named_parameters() if ".student." in n}
+
+
+def test_settings_errors_name_the_field():
+    with pytest.raises(ValueError, match="lora.rank"):
+        LoraSettings(rank=0)
+    with pytest.raises(ValueError, match="lora.target_modules"):
+        LoraSettings(target_modules=())
+    with pytest.raises(ValueError, match="uncond"):
+        LoraStudent(SD3.velocity(tiny_transformer("sd3")), "sd3")
+    student = make_student()
+    with pytest.raises(ValueError, match="already has adapters"):
+        LoraStudent(student.module, "flux")
