@@ -124,3 +124,9 @@ def test_jump_sampling_defaults_per_family():
     assert FLUX.jump_sampling().alt_shift == "dynamic"
     assert SD3.jump_sampling(alt_shift_prob=0.0).alt_shift_prob == 0.0
     assert SD3.jump_sampling().shift_range == (2.5, 4.5)
+
+
+def test_public_api_names_import():
+    import shortcutfm.models.diffusers as package
+
+    assert package.__all__ and all(hasattr(package, name) for name in package.__all__)
