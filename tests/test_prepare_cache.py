@@ -1,8 +1,10 @@
 """The prepared-data cache on its own (no diffusers): round trip, content keys, atomic/resumable writing, and
 errors that name the broken file."""
 
+import ast
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,9 +41,15 @@ def write_cache(cache_dir, seeds, records_per_shard=3, layout=LAYOUT) -> list[st
     return keys
 
 
-def test_public_api_imports():
+def test_public_api_imports_without_diffusers():
     for name in preparation.__all__:
         assert getattr(preparation, name) is not None
+    # The cache reader must not need diffusers: no module-level import of it (or of models.diffusers).
+    for module in Path(preparation.__file__).parent.glob("*.py"):
+        for node in ast.parse(module.read_text()).body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any("diffusers" in name for name in names), f"{module.name} imports {names}"
 
 
 def test_round_trip_shapes_keys_and_get(tmp_path):

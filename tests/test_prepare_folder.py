@@ -170,6 +170,8 @@ def test_setting_errors(pipes, tmp_path):
         prepare(pipe, tmp_path / "images", tmp_path / "other", model_id=None)
     with pytest.raises(ValueError, match="on_error"):
         prepare(pipe, tmp_path / "images", tmp_path / "other", on_error="ignore")
+    with pytest.raises(ValueError, match="no model family for a object"):
+        prepare(object(), tmp_path / "images", tmp_path / "other")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty holds no images"):
         prepare(pipe, tmp_path / "empty", tmp_path / "other")

@@ -1,12 +1,13 @@
 """Data preparation: encode images / teacher samples and captions once into a :class:`LatentCache`, so that
 training on a diffusers model needs neither its VAE nor its text encoders in memory.
 
-Layout and key names: :mod:`shortcutfm.preparation.cache`. Per-family encoding: :mod:`.encode`.
+Layout and key names: :mod:`.cache`. Encoding (through the family registry
+``shortcutfm.models.diffusers.FAMILIES``): :mod:`.encode`.
 Input conventions (prompt files, image folders with captions): :mod:`.inputs`.
 """
 
 from .cache import CacheError, CacheLayout, LatentCache, RecordInfo, content_key
-from .encode import FAMILY_ENCODINGS, FamilyEncoding, encode_images, encode_text, encode_uncond, family_of
+from .encode import encode_images, encode_text, encode_uncond, pipeline_family, teacher_latents_to_vae_layout
 from .inputs import ImageCaption, list_image_captions, read_prompt_file
 from .prepare import (
     FailedInput,
@@ -22,9 +23,7 @@ __all__ = [
     "CacheError",
     "CacheLayout",
     "CacheWriter",
-    "FAMILY_ENCODINGS",
     "FailedInput",
-    "FamilyEncoding",
     "ImageCaption",
     "LatentCache",
     "PreparationError",
@@ -34,10 +33,11 @@ __all__ = [
     "encode_images",
     "encode_text",
     "encode_uncond",
-    "family_of",
+    "pipeline_family",
     "list_image_captions",
     "prepare_from_folder",
     "prepare_from_prompts",
     "prompt_seed",
     "read_prompt_file",
+    "teacher_latents_to_vae_layout",
 ]

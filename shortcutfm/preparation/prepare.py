@@ -15,7 +15,6 @@ file, so one fix-and-re-run encodes only the fixed files. ``on_error="skip"`` lo
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import logging
@@ -28,7 +27,15 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from .cache import CacheLayout, RecordInfo, content_key
-from .encode import FamilyEncoding, encode_images, encode_text, encode_uncond, family_of, teacher_latents_to_vae_layout
+from .encode import (
+    encode_images,
+    encode_text,
+    encode_uncond,
+    pipeline_default,
+    pipeline_family,
+    pixel_multiple,
+    teacher_latents_to_vae_layout,
+)
 from .inputs import ImageCaption, list_image_captions, read_prompt_file
 from .writer import CacheWriter
 
@@ -85,10 +92,10 @@ def prompt_seed(base_seed: int, prompt: str, sample_index: int = 0) -> int:
 
 
 def resolve_layout(pipe, height: int | None, width: int | None, max_sequence_length: int | None,
-                   model_id: str | None) -> tuple[FamilyEncoding, CacheLayout]:
-    """Family and cache layout for ``pipe``; ``None`` means the pipeline's default. Validates every value."""
-    family = family_of(pipe)
-    multiple = family.pixel_multiple(pipe)
+                   model_id: str | None) -> CacheLayout:
+    """The cache layout for ``pipe``; ``None`` means the pipeline's default. Validates every value."""
+    family = pipeline_family(pipe)
+    multiple = pixel_multiple(pipe)
     default_size = pipe.default_sample_size * pipe.vae_scale_factor
     sizes = {"height": default_size if height is None else height, "width": default_size if width is None else width}
     for name, size in sizes.items():
@@ -100,10 +107,10 @@ def resolve_layout(pipe, height: int | None, width: int | None, max_sequence_len
     if not model_id:
         raise ValueError("pass model_id=...: this pipeline was not loaded from a hub id or a path, so the cache "
                          "cannot record which model encoded it")
-    max_len = family.default_max_sequence_length if max_sequence_length is None else max_sequence_length
+    max_len = pipeline_default(pipe, "max_sequence_length") if max_sequence_length is None else max_sequence_length
     if not isinstance(max_len, int) or max_len < 1:
         raise ValueError(f"max_sequence_length must be a positive integer, got {max_len!r}")
-    return family, CacheLayout(family.name, str(model_id), sizes["height"], sizes["width"], max_len)
+    return CacheLayout(family.name, str(model_id), sizes["height"], sizes["width"], max_len)
 
 
 def _ensure_uncond(pipe, writer: CacheWriter, layout: CacheLayout) -> None:
@@ -170,7 +177,7 @@ def prepare_from_folder(pipe, folder: str | Path, out_dir: str | Path, *, height
     ``height``/``width`` default to the pipeline's default resolution; ``model_id`` to ``pipe.name_or_path``.
     Raises :class:`PreparationError` after caching the good images if some failed and ``on_error="raise"``."""
     _check_on_error(on_error)
-    _family, layout = resolve_layout(pipe, height, width, max_sequence_length, model_id)
+    layout = resolve_layout(pipe, height, width, max_sequence_length, model_id)
     items = list_image_captions(folder)
     settings = {"source": "folder", **asdict(layout), "latents": "vae_latent_mean"}
     report = PreparationReport(Path(out_dir))
@@ -204,7 +211,7 @@ def prepare_from_prompts(pipe, prompt_file: str | Path, out_dir: str | Path, *, 
     ``guidance_scale=None`` uses the pipeline's default; ``pipeline_kwargs`` go to ``pipe(...)`` as they are
     (JSON-able values only, they are part of the records' keys). Duplicate prompts count as already cached."""
     prompts = read_prompt_file(prompt_file)
-    _family, layout = resolve_layout(pipe, height, width, max_sequence_length, model_id)
+    layout = resolve_layout(pipe, height, width, max_sequence_length, model_id)
     counts = {"num_steps": num_steps, "samples_per_prompt": samples_per_prompt, "batch_size": batch_size}
     for name, value in counts.items():
         if not isinstance(value, int) or value < 1:
@@ -213,7 +220,7 @@ def prepare_from_prompts(pipe, prompt_file: str | Path, out_dir: str | Path, *, 
     if _TEACHER_OWNED_ARGS & extra.keys():
         raise ValueError(f"pipeline_kwargs may not set {sorted(_TEACHER_OWNED_ARGS & extra.keys())}; use the arguments")
     if guidance_scale is None:
-        guidance_scale = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
+        guidance_scale = pipeline_default(pipe, "guidance_scale")
     try:
         json.dumps(extra)
     except TypeError as error:
