@@ -23,8 +23,8 @@ LORA_TARGETS = (
     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
     # AdaLN modulation linears
     "norm1.linear", "norm1_context.linear", "norm_out.linear",
-    # embedders (text tokens, timestep and pooled-text MLPs) and the output projection
-    "context_embedder", "linear_1", "linear_2", "proj_out",
+    # embedders (latent patches: a 2x2 conv, text tokens, timestep and pooled-text MLPs), output projection
+    "pos_embed.proj", "context_embedder", "linear_1", "linear_2", "proj_out",
 )
 
 
