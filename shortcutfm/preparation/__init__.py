@@ -9,14 +9,8 @@ Input conventions (prompt files, image folders with captions): :mod:`.inputs`.
 from .cache import CacheError, CacheLayout, LatentCache, RecordInfo, content_key
 from .encode import encode_images, encode_text, encode_uncond, pipeline_family, teacher_latents_to_vae_layout
 from .inputs import ImageCaption, list_image_captions, read_prompt_file
-from .prepare import (
-    FailedInput,
-    PreparationError,
-    PreparationReport,
-    prepare_from_folder,
-    prepare_from_prompts,
-    prompt_seed,
-)
+from .prepare import prepare_from_folder, prepare_from_prompts, prompt_seed, resolve_layout
+from .report import FailedInput, PreparationError, PreparationReport
 from .writer import CacheWriter
 
 __all__ = [
@@ -39,5 +33,6 @@ __all__ = [
     "prepare_from_prompts",
     "prompt_seed",
     "read_prompt_file",
+    "resolve_layout",
     "teacher_latents_to_vae_layout",
 ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -37,6 +37,7 @@ from .encode import (
     teacher_latents_to_vae_layout,
 )
 from .inputs import ImageCaption, list_image_captions, read_prompt_file
+from .report import FailedInput, PreparationError, PreparationReport
 from .writer import CacheWriter
 
 logger = logging.getLogger(__name__)
@@ -47,42 +48,6 @@ _TEACHER_OWNED_ARGS = {"prompt", "height", "width", "num_inference_steps", "guid
                        "output_type", "return_dict", "max_sequence_length", "num_images_per_prompt", "latents",
                        "prompt_2", "prompt_3", "prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask",
                        "system_prompt", "clip_skip"}
-
-
-@dataclass(frozen=True)
-class FailedInput:
-    path: str  # the file (relative to the folder) that could not be prepared
-    reason: str  # what is wrong with it and how to fix it
-
-
-@dataclass
-class PreparationReport:
-    """What one prepare run did."""
-
-    out_dir: Path
-    added: int = 0  # records encoded and cached by this run
-    already_cached: int = 0  # inputs skipped because a record with their content key was cached
-    failed: list[FailedInput] = field(default_factory=list)  # inputs that could not be prepared
-    num_records: int = 0  # records in the cache after this run
-
-    def summary(self) -> str:
-        lines = [f"{self.out_dir}: {self.added} records added, {self.already_cached} already cached, "
-                 f"{len(self.failed)} failed; the cache holds {self.num_records} records"]
-        lines += [f"  {failure.path}: {failure.reason}" for failure in self.failed]
-        return "\n".join(lines)
-
-
-class PreparationError(RuntimeError):
-    """Some inputs could not be prepared; every good one is cached. ``report`` lists the failures."""
-
-    def __init__(self, report: PreparationReport):
-        self.report = report
-        super().__init__(
-            f"{len(report.failed)} input(s) could not be prepared; every good one is cached ({report.num_records} "
-            f"records in {report.out_dir}). Fix these and re-run (only they will be encoded), or pass "
-            "on_error='skip':\n"
-            + "\n".join(f"  {failure.path}: {failure.reason}" for failure in report.failed)
-        )
 
 
 def prompt_seed(base_seed: int, prompt: str, sample_index: int = 0) -> int:
@@ -137,6 +102,12 @@ def _check_on_error(on_error: str) -> None:
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
 
 
+def _check_positive(**counts: int) -> None:
+    for name, value in counts.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _load_image(item: ImageCaption, settings: Mapping[str, Any], layout: CacheLayout, allow_upscale: bool,
                 writer: CacheWriter, report: PreparationReport) -> tuple[RecordInfo, Image.Image] | None:
     """The record and RGB image of one folder item, or ``None`` (counted in ``report``) if cached or bad."""
@@ -177,6 +148,7 @@ def prepare_from_folder(pipe, folder: str | Path, out_dir: str | Path, *, height
     ``height``/``width`` default to the pipeline's default resolution; ``model_id`` to ``pipe.name_or_path``.
     Raises :class:`PreparationError` after caching the good images if some failed and ``on_error="raise"``."""
     _check_on_error(on_error)
+    _check_positive(batch_size=batch_size)
     layout = resolve_layout(pipe, height, width, max_sequence_length, model_id)
     items = list_image_captions(folder)
     settings = {"source": "folder", **asdict(layout), "latents": "vae_latent_mean"}
@@ -212,10 +184,7 @@ def prepare_from_prompts(pipe, prompt_file: str | Path, out_dir: str | Path, *, 
     (JSON-able values only, they are part of the records' keys). Duplicate prompts count as already cached."""
     prompts = read_prompt_file(prompt_file)
     layout = resolve_layout(pipe, height, width, max_sequence_length, model_id)
-    counts = {"num_steps": num_steps, "samples_per_prompt": samples_per_prompt, "batch_size": batch_size}
-    for name, value in counts.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    _check_positive(num_steps=num_steps, samples_per_prompt=samples_per_prompt, batch_size=batch_size)
     extra = dict(pipeline_kwargs or {})
     if _TEACHER_OWNED_ARGS & extra.keys():
         raise ValueError(f"pipeline_kwargs may not set {sorted(_TEACHER_OWNED_ARGS & extra.keys())}; use the arguments")
@@ -231,14 +200,16 @@ def prepare_from_prompts(pipe, prompt_file: str | Path, out_dir: str | Path, *, 
     with CacheWriter(out_dir, layout, settings, records_per_shard) as writer:
         _ensure_uncond(pipe, writer, layout)
         todo: list[RecordInfo] = []
+        todo_keys: set[str] = set()
         for prompt in prompts:
             for sample_index in range(samples_per_prompt):
                 noise_seed = prompt_seed(seed, prompt, sample_index)
                 key = content_key(noise_seed.to_bytes(8, "little"), prompt, settings)
-                if writer.has(key) or key in {record.key for record in todo}:
+                if writer.has(key) or key in todo_keys:
                     report.already_cached += 1
                 else:
                     todo.append(RecordInfo(key, prompt, "teacher", noise_seed))
+                    todo_keys.add(key)
         progress = tqdm(total=len(todo), desc="sampling the teacher", disable=not show_progress)
         for start in range(0, len(todo), batch_size):
             records = todo[start:start + batch_size]
