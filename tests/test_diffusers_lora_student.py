@@ -181,3 +181,15 @@ def test_settings_errors_name_the_field():
     student = make_student()
     with pytest.raises(ValueError, match="already has adapters"):
         LoraStudent(student.module, "flux")
+
+
+def test_from_pretrained_loads_a_frozen_bfloat16_base(tmp_path):
+    tiny_transformer("sd3").save_pretrained(tmp_path / "transformer")
+    uncond = {k: v[:1] for k, v in tiny_cond("sd3").items()}
+    student = LoraStudent.from_pretrained("sd3", str(tmp_path), lora=LoraSettings(rank=2, alpha=2), uncond=uncond,
+                                          schedule=EMASchedule(mode="single"))
+    assert student.module.base_dtype == torch.bfloat16 and student.transformer.is_gradient_checkpointing
+    x, sigma, cond = inputs("sd3")
+    loss = student.wrap(student.module)(x, sigma, **cond).float().pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in student.trainable_tensors().values())
