@@ -20,10 +20,9 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 import torch
-from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from .cache import CacheLayout, RecordInfo, content_key
@@ -39,6 +38,9 @@ from .encode import (
 from .inputs import ImageCaption, list_image_captions, read_prompt_file
 from .report import FailedInput, PreparationError, PreparationReport
 from .writer import CacheWriter
+
+if TYPE_CHECKING:  # PIL (the diffusers extra) is imported only when images are prepared
+    from PIL import Image
 
 logger = logging.getLogger(__name__)
 OnError = Literal["raise", "skip"]
@@ -123,6 +125,8 @@ def _load_image(item: ImageCaption, settings: Mapping[str, Any], layout: CacheLa
     if writer.has(key):
         report.already_cached += 1
         return None
+    from PIL import Image, ImageOps
+
     try:
         with Image.open(io.BytesIO(image_bytes)) as opened:
             image = ImageOps.exif_transpose(opened).convert("RGB")  # camera orientation, as diffusers' load_image
