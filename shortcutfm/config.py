@@ -1,0 +1,326 @@
+"""Typed, nested run configuration: YAML files plus dotted command-line overrides.
+
+Every field has one default and one line of help (its docstring below the field). Loading rejects unknown
+keys (with a suggestion) and values of the wrong type, naming the dotted field. The resolved config is saved
+beside every output (``config.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .core.ema import EMASchedule
+from .core.jumps import JumpSampling
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid; the message names the field and the fix."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"
+    """Toy name (checkerboard, 8gaussians, moons, spirals, rings), "digits", a .npz file, or a latent cache dir."""
+    holdout_fraction: float = 0.2
+    """Fraction of the data held out for evaluation (images and .npz files)."""
+    num_toy_samples: int = 100_000
+    """Training samples drawn for a 2-D toy distribution."""
+    split_seed: int = 0
+    """Seed of the train/held-out split (fixed across training seeds so runs compare on the same data)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ConfigError(f"data.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "auto"
+    """Network: auto (mlp up to 1024 values per sample, else convnet), mlp, convnet, or a diffusers family."""
+    width: int = 256
+    """mlp: hidden width."""
+    depth: int = 4
+    """mlp: residual blocks."""
+    channels: int = 64
+    """convnet: base channels."""
+    blocks: int = 2
+    """convnet: residual blocks per level."""
+    label_dropout: float = 0.1
+    """Probability of replacing a class label by the null label in training (classifier-free guidance)."""
+    guidance_scale: float = 0.0
+    """Classifier-free guidance weight w for labelled data: training targets, student and sampling all use it."""
+    pretrained: str = ""
+    """Diffusers families: local path or hub id of the pretrained pipeline (its transformer is the teacher)."""
+    dtype: str = "float32"
+    """Dtype of the frozen base weights (float32, bfloat16, float16)."""
+    gradient_checkpointing: bool = False
+    """Diffusers families: recompute activations in the backward pass to save memory."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ConfigError(f"model.label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        for name in ("width", "depth", "channels", "blocks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 64
+    """LoRA rank (the paper: 64)."""
+    alpha: float = 64.0
+    """LoRA alpha (the paper: 64)."""
+    target_modules: tuple[str, ...] = ()
+    """Module names to adapt; empty = the family's default (nearly every linear layer)."""
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    schedule: str = "constant"
+    """Learning-rate schedule after warm-up: constant or cosine (to 0 at train.steps)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0 = off). The paper: 10 for Flux, 2 for SD3."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f'optim.schedule must be "constant" or "cosine", got {self.schedule!r}')
+        if self.grad_clip < 0 or self.warmup_steps < 0:
+            raise ConfigError("optim.grad_clip and optim.warmup_steps must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "distill"
+    """pretrain (from scratch; use jumps.flow_fraction=1 for plain flow matching) or distill (SCFM from a teacher)."""
+    teacher: str = ""
+    """distill with built-in models: the teacher's model directory (a pretrain run's output_dir/model)."""
+    steps: int = 4000
+    """Optimiser steps."""
+    batch_size: int = 256
+    """Global batch size (split across processes)."""
+    seed: int = 0
+    """Seed of everything: data order, noise, jumps, initialisation."""
+    output_dir: str = "runs/scfm"
+    """Where checkpoints, the exported model, logs and config.yaml are written."""
+    checkpoint_every: int = 500
+    """Steps between resumable checkpoints (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep (the best one is kept separately)."""
+    log_every: int = 50
+    """Steps between log lines / tracker points."""
+    mixed_precision: str = "no"
+    """Accelerate mixed precision: no, bf16 or fp16."""
+    tracker: str = ""
+    """Optional Accelerate tracker: tensorboard or wandb (empty = none)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("pretrain", "distill"):
+            raise ConfigError(f'train.mode must be "pretrain" or "distill", got {self.mode!r}')
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("train.steps and train.batch_size must be >= 1")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.tracker not in ("", "tensorboard", "wandb"):
+            raise ConfigError(f'train.tracker must be "", "tensorboard" or "wandb", got {self.tracker!r}')
+
+
+@dataclass
+class EvalConfig:
+    every: int = 250
+    """Steps between few-step evaluations during training, which select the best checkpoint (0 = off)."""
+    select_steps: int = 3
+    """Euler steps of the metric that selects the best checkpoint."""
+    select_shift: float = 1.0
+    """Sampling shift of that metric."""
+    num_samples: int = 2000
+    """Samples per evaluation during training."""
+    sweep_steps: tuple[int, ...] = (1, 2, 3, 4, 8, 32)
+    """Step counts of the final sweep."""
+    sweep_shifts: tuple[float, ...] = (1.0, 3.0)
+    """Sampling shifts of the final sweep."""
+    sweep_samples: int = 10_000
+    """Samples per row of the final sweep (vectors: >= 10,000 for the energy distance)."""
+    seed: int = 1234
+    """Seed of the evaluation noise (the same noise for every model and step count)."""
+
+    def __post_init__(self) -> None:
+        self.sweep_steps = tuple(self.sweep_steps)
+        self.sweep_shifts = tuple(self.sweep_shifts)
+        if self.every < 0 or self.select_steps < 1 or self.num_samples < 2 or self.sweep_samples < 2:
+            raise ConfigError("eval.every >= 0, eval.select_steps >= 1 and sample counts >= 2 are required")
+        if any(n < 1 for n in self.sweep_steps):
+            raise ConfigError(f"eval.sweep_steps must all be >= 1, got {self.sweep_steps}")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    jumps: JumpSampling = field(default_factory=JumpSampling)
+    ema: EMASchedule = field(default_factory=EMASchedule)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------- strict loading
+
+
+def _check_value(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _check_value(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(hint)}")
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_value(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_check_value(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {hint}")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint).replace("typing.", ""))
+
+
+def from_dict(cls: type, values: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of fields, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {'.'.join(filter(None, [where, close[0]]))}?" if close else ""
+            raise ConfigError(f"unknown config key {path!r}{hint} (valid: {', '.join(names)})")
+        kwargs[key] = _check_value(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def to_dict(config: Any) -> dict:
+    """Plain YAML-ready dict (tuples become lists)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(dataclasses.asdict(config))
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply ``section.field=value`` overrides (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value, e.g. train.steps=100")
+        dotted, raw = item.split("=", 1)
+        node = values
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
+    """Load a YAML config (or the defaults), apply overrides, validate."""
+    values: dict = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (data:, model:, train:, ...)")
+        values = _merge(values, loaded)
+    values = apply_overrides(values, list(overrides or []))
+    return from_dict(Config, values)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,111 @@
+"""Writes a sweep's outputs: ``metrics.json``, ``report.md`` and PNG figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from ..data import ArrayDataset  # noqa: E402
+from .sweep import MetricRow, SweepSamples  # noqa: E402
+
+LOWER_IS_BETTER = {"energy_distance", "sliced_wasserstein2", "frechet_distance"}
+
+
+def write_metrics(rows: list[MetricRow], path: Path, extra: dict | None = None) -> None:
+    path.write_text(json.dumps({"rows": [r.to_dict() for r in rows], **(extra or {})}, indent=2))
+
+
+def plot_metric_vs_steps(rows: list[MetricRow], out_dir: Path) -> list[Path]:
+    """One figure per metric: value against steps (log scale), a line per model/sampler/shift, floor dashed."""
+    paths = []
+    for metric in sorted({r.metric for r in rows}):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        series: dict[tuple, list[MetricRow]] = {}
+        for r in rows:
+            if r.metric == metric and r.model != "data":
+                series.setdefault((r.model, r.sampler, r.shift), []).append(r)
+        for (model, sampler, shift), points in sorted(series.items()):
+            points.sort(key=lambda r: r.steps)
+            style = "-" if model != "teacher" else "--"
+            ax.plot([p.steps for p in points], [p.value for p in points], style, marker="o", ms=3,
+                    label=f"{model} {sampler} (shift {shift:g})")
+        for r in rows:
+            if r.metric == metric and r.model == "data":
+                ax.axhline(r.value, color="grey", lw=1, ls=":", label="data floor")
+        ax.set_xscale("log", base=2)
+        if metric in LOWER_IS_BETTER:
+            ax.set_yscale("log")
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_title(f"{metric.replace('_', ' ')} against steps (lower is better)" if metric in LOWER_IS_BETTER else metric)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{metric}_vs_steps.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_samples(kept: SweepSamples, dataset: ArrayDataset, out_dir: Path, max_images: int = 100) -> Path:
+    """Sample grids (images) or scatter plots (2-D vectors), one panel per kept (model, sampler, steps, shift)."""
+    keys = sorted(kept.by_key, key=lambda k: (k[0] != "teacher", -k[2], k[1], k[3]))
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        x = dataset.to_data_space(kept.by_key[key])
+        model, sampler, steps, shift = key
+        if dataset.kind == "image":
+            _show_image_grid(ax, x[:max_images], dataset)
+        else:
+            points = x[:, :2].numpy()
+            ax.scatter(points[:, 0], points[:, 1], s=0.3, alpha=0.4, rasterized=True)
+            ax.set_aspect("equal")
+        ax.set_title(f"{model} {sampler}, {steps} step{'s' if steps > 1 else ''}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    path = out_dir / "samples.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _show_image_grid(ax, images: torch.Tensor, dataset: ArrayDataset) -> None:
+    n = images.shape[0]
+    cols = int(n ** 0.5 + 0.999)
+    rows = (n + cols - 1) // cols
+    c, h, w = images.shape[1:]
+    low, high = dataset.to_data_space(torch.tensor([-1.0, 1.0])).tolist() if dataset.normalization.mode == "range" else (
+        images.min().item(), images.max().item())
+    canvas = torch.full((c, rows * (h + 1), cols * (w + 1)), low)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        canvas[:, r * (h + 1): r * (h + 1) + h, q * (w + 1): q * (w + 1) + w] = images[i]
+    canvas = ((canvas - low) / max(high - low, 1e-8)).clamp(0, 1)
+    if c == 1:
+        ax.imshow(canvas[0].numpy(), cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(canvas[:3].permute(1, 2, 0).numpy())
+
+
+def markdown_table(rows: list[MetricRow], metrics: list[str]) -> str:
+    """Wide table: one line per (model, sampler, steps, shift), one column per metric."""
+    lines = {}
+    for r in rows:
+        lines.setdefault((r.model, r.sampler, r.steps, r.nfe, r.shift), {})[r.metric] = r.value
+    header = "| model | sampler | steps | NFE | shift | " + " | ".join(m.replace("_", " ") for m in metrics) + " |"
+    out = [header, "|" + "---|" * (5 + len(metrics))]
+    for (model, sampler, steps, nfe, shift), values in lines.items():
+        cells = [f"{values[m]:.4g}" if m in values else "" for m in metrics]
+        step_cell = "-" if model == "data" else str(steps)
+        nfe_cell = "-" if model == "data" else str(nfe)
+        shift_cell = "-" if model == "data" else f"{shift:g}"
+        out.append(f"| {model} | {sampler} | {step_cell} | {nfe_cell} | {shift_cell} | " + " | ".join(cells) + " |")
+    return "\n".join(out)

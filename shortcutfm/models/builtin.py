@@ -1,0 +1,92 @@
+"""Build, save and load the built-in velocity networks (weights in safetensors, architecture in JSON)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import ModelConfig, from_dict
+from .convnet import VelocityConvNet
+from .mlp import VelocityMLP
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_INFO = "model.json"
+AUTO_MLP_MAX_VALUES = 1024
+
+
+@dataclass
+class ModelInfo:
+    """Everything needed to rebuild a built-in model and to map its samples back to data space."""
+
+    model: dict  # the ModelConfig fields
+    sample_shape: list[int]
+    num_classes: int
+    data: dict = field(default_factory=dict)  # dataset name and normalisation (see shortcutfm.data)
+    trained_by: str = ""  # "pretrain" or "distill"
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return from_dict(ModelConfig, self.model, "model")
+
+
+def resolve_kind(config: ModelConfig, sample_shape: tuple[int, ...]) -> str:
+    if config.kind != "auto":
+        return config.kind
+    numel = int(torch.Size(sample_shape).numel())
+    return "mlp" if numel <= AUTO_MLP_MAX_VALUES or len(sample_shape) != 3 else "convnet"
+
+
+def build_model(config: ModelConfig, sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A fresh built-in network for samples of ``sample_shape`` and ``num_classes`` labels (0 = unconditional)."""
+    kind = resolve_kind(config, sample_shape)
+    if kind == "mlp":
+        return VelocityMLP(sample_shape, width=config.width, depth=config.depth, num_classes=num_classes)
+    if kind == "convnet":
+        return VelocityConvNet(sample_shape, channels=config.channels, blocks=config.blocks, num_classes=num_classes)
+    raise ValueError(f"model.kind {config.kind!r} is not a built-in network (mlp, convnet or auto)")
+
+
+def save_model(directory: Path, state: dict[str, torch.Tensor], info: ModelInfo) -> None:
+    """Write ``model.safetensors`` and ``model.json`` into ``directory`` atomically (temp dir, then rename)."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".writing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu().float() for k, v in state.items()}, str(tmp / MODEL_WEIGHTS))
+    (tmp / MODEL_INFO).write_text(json.dumps(asdict(info), indent=2))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    info: ModelInfo
+
+
+def load_model(directory: str | Path) -> LoadedModel:
+    """Load a built-in model directory written by :func:`save_model` (a training run's ``model/``)."""
+    directory = Path(directory)
+    if (directory / "model" / MODEL_INFO).is_file():  # a run directory was given
+        directory = directory / "model"
+    info_path, weights_path = directory / MODEL_INFO, directory / MODEL_WEIGHTS
+    if not info_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(
+            f"{directory} is not a shortcutfm model directory (needs {MODEL_INFO} and {MODEL_WEIGHTS}); "
+            "pass a training run's output directory or its model/ folder"
+        )
+    try:
+        info = ModelInfo(**json.loads(info_path.read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"{info_path} is malformed ({exc}); re-export the model") from None
+    module = build_model(info.model_config, tuple(info.sample_shape), info.num_classes)
+    module.load_state_dict(load_file(str(weights_path)))
+    return LoadedModel(module=module.eval(), info=info)

@@ -1,0 +1,111 @@
+"""The student abstraction the trainer drives: a trainable velocity model plus its teacher and EMAs.
+
+Two implementations exist: :class:`FullStudent` (full-parameter, any ``nn.Module``; EMAs are shadow tensors
+evaluated with ``torch.func.functional_call``) and the LoRA student for diffusers models
+(:mod:`shortcutfm.models.diffusers.lora_student`; EMAs are non-trainable adapters). Neither ever copies EMA or
+teacher weights into the live model.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Mapping, Protocol
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..core.ema import EMASchedule, StudentEMAs
+from ..core.targets import TargetVelocities
+from ..core.velocity import VelocityModel
+
+Wrap = Callable[[VelocityModel], VelocityModel]
+
+
+def no_wrap(model: VelocityModel) -> VelocityModel:
+    return model
+
+
+class Student(Protocol):
+    """What the trainer needs from a student.
+
+    * ``module``: the trainable ``nn.Module`` (velocity contract) that ``accelerate.prepare`` wraps;
+    * ``wrap``: applied to every velocity used in training and sampling (e.g. classifier-free guidance), so
+      student and targets use the same guided velocity (METHOD.md, "Guidance");
+    * ``emas``: the student's EMAs, updated by the trainer after each optimiser step;
+    * ``trainable_tensors()``: the live trainable tensors by name (what the EMAs average);
+    * ``target_velocities()``: unguided teacher / fast-EMA / slow-EMA callables (the trainer wraps them);
+    * ``ema_velocity()``: the slow EMA as a velocity model (for evaluation);
+    * ``state_dict()`` / ``load_state_dict()``: the student's trainable weights (for checkpoints).
+    """
+
+    module: nn.Module
+    wrap: Wrap
+    emas: StudentEMAs
+
+    def trainable_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def target_velocities(self) -> TargetVelocities: ...
+
+    def ema_velocity(self) -> VelocityModel: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None: ...
+
+
+class _ShadowVelocity(nn.Module):
+    """Evaluates ``module`` with shadow tensors in place of its parameters, without touching the module."""
+
+    def __init__(self, module: nn.Module, shadow: Mapping[str, torch.Tensor]):
+        super().__init__()
+        self._module = [module]  # a list, so the module is not registered (and not saved) twice
+        self.shadow = shadow
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        return functional_call(self._module[0], dict(self.shadow), (x, sigma), cond, strict=False)
+
+
+class FullStudent:
+    """Full-parameter student: a trainable copy of the teacher, EMAs as shadow copies of every parameter.
+
+    Args:
+        model: the velocity model to train. For distillation it is the teacher's architecture loaded with the
+            teacher's weights; a frozen copy becomes the teacher.
+        schedule: EMA decays and mode.
+        teacher: if False (from-scratch training) no teacher copy is kept.
+        wrap: guidance wrapper for training and sampling velocities.
+    """
+
+    def __init__(self, model: nn.Module, schedule: EMASchedule, *, teacher: bool = True, wrap: Wrap = no_wrap):
+        self.module = model
+        self.wrap = wrap
+        self.teacher = None
+        if teacher:
+            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        params = self.trainable_tensors()
+        slow = {n: p.detach().clone().float() for n, p in params.items()}
+        fast = {n: p.detach().clone().float() for n, p in params.items()} if schedule.mode == "dual" else None
+        self.emas = StudentEMAs(schedule, slow_shadow=slow, fast_shadow=fast)
+
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def _shadow_velocity(self, shadow: Mapping[str, torch.Tensor]) -> VelocityModel:
+        return _ShadowVelocity(self.module, shadow)
+
+    def target_velocities(self) -> TargetVelocities:
+        return TargetVelocities(
+            teacher=self.teacher,
+            fast_ema=self._shadow_velocity(self.emas.fast.shadow),
+            slow_ema=self._shadow_velocity(self.emas.slow.shadow),
+        )
+
+    def ema_velocity(self) -> VelocityModel:
+        return self._shadow_velocity(self.emas.slow.shadow)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: t.detach().clone() for n, t in self.module.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
