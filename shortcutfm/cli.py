@@ -78,23 +78,69 @@ def evaluate(
 
 @app.command()
 def sample(
-    model: Path = typer.Argument(..., help="Model directory (a training run or its model/)."),
+    model: Path = typer.Argument(..., help="A training run, its model/ folder, or a folder with an exported LoRA."),
     steps: int = typer.Option(3, "--steps", help="Euler steps."),
-    num: int = typer.Option(64, "--num", help="Number of samples."),
-    shift: float = typer.Option(1.0, "--shift", help="Sampling-grid shift (1 = uniform)."),
-    label: Optional[int] = typer.Option(None, "--label", help="Class label (default: classes in turn)."),
+    num: int = typer.Option(64, "--num", help="Built-in models: number of samples."),
+    shift: Optional[float] = typer.Option(None, "--shift", help="Grid shift (default: 1 built-in, the family's for diffusers)."),
+    label: Optional[int] = typer.Option(None, "--label", help="Built-in models: class label (default: classes in turn)."),
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="Diffusers LoRA: prompt(s), one image each."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Diffusers LoRA: base pipeline (default: the run's model.pretrained)."),
+    lora_scale: float = typer.Option(1.0, "--lora-scale", help="Diffusers LoRA: adapter scale (1 to 1.75 suits few steps)."),
     seed: int = typer.Option(0, "--seed"),
-    out: Path = typer.Option(Path("samples.npz"), "--out", help="Output .npz (x in data space, y labels); a .png beside it."),
+    out: Path = typer.Option(Path("samples.npz"), "--out", help="Built-in: .npz (+ .png beside it); diffusers: image path."),
 ) -> None:
-    """Sample a built-in model with N Euler steps; writes the samples (data space) and a picture."""
-    from .sampling import sample_builtin
+    """Sample with N Euler steps: a built-in model (samples in data space + a picture) or a stock diffusers
+    pipeline with the exported SCFM LoRA loaded."""
+    from .sampling import find_lora_dir, sample_builtin, sample_diffusers
 
     _threads()
     try:
-        written = sample_builtin(model, steps=steps, num=num, shift=shift, label=label, seed=seed, out=out)
+        lora_dir = find_lora_dir(model)
+        if lora_dir is not None:
+            if not prompt:
+                raise ValueError("a LoRA needs at least one --prompt")
+            image_out = out if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") else out.with_suffix(".png")
+            written = sample_diffusers(lora_dir, pretrained=pipeline, prompts=list(prompt), steps=steps, shift=shift,
+                                       lora_scale=lora_scale, seed=seed, out=image_out)
+        else:
+            written = sample_builtin(model, steps=steps, num=num, shift=1.0 if shift is None else shift,
+                                     label=label, seed=seed, out=out)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+@app.command()
+def prepare(
+    pipeline: str = typer.Option(..., "--pipeline", help="The teacher pipeline: local path or hub id (FLUX.1, SD3/3.5, Lumina 2)."),
+    out: Path = typer.Option(..., "--out", help="Cache directory (data.source of the training config)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Teacher-made data: a prompt file (.txt one per line, or .jsonl)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Your images: a folder of images with same-name .txt captions."),
+    steps: int = typer.Option(32, "--steps", help="Teacher sampling steps for --prompts."),
+    height: Optional[int] = typer.Option(None, "--height", help="Pixels (default: the pipeline's)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Pixels (default: the pipeline's)."),
+    seed: int = typer.Option(0, "--seed", help="Base seed of the teacher's noise."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images instead of failing (after caching the good ones)."),
+) -> None:
+    """Encode once: latents and text embeddings (and the empty prompt) cached as safetensors shards."""
+    from .preparation import PreparationError, prepare_from_folder, prepare_from_prompts
+    from .sampling import load_pipeline
+
+    if (prompts is None) == (images is None):
+        _fail(ValueError("give exactly one of --prompts FILE or --images FOLDER"))
+    try:
+        pipe = load_pipeline(pipeline)
+        if prompts is not None:
+            report = prepare_from_prompts(pipe, prompts, out, num_steps=steps, height=height, width=width, seed=seed,
+                                          model_id=pipeline)
+        else:
+            report = prepare_from_folder(pipe, images, out, height=height, width=width, model_id=pipeline,
+                                         on_error="skip" if skip_bad else "raise")
+    except PreparationError as exc:
+        _fail(exc)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        _fail(exc)
+    console.print(report.summary())
 
 
 @app.command()

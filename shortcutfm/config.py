@@ -55,8 +55,9 @@ class ModelConfig:
     """convnet: residual blocks per level."""
     label_dropout: float = 0.1
     """Probability of replacing a class label by the null label in training (classifier-free guidance)."""
-    guidance_scale: float = 0.0
-    """Classifier-free guidance weight w for labelled data: training targets, student and sampling all use it."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance weight w (student, targets and sampling alike); None = 0 for built-in networks on
+    labelled data, the family's default for diffusers models (SD3: 3.5)."""
     pretrained: str = ""
     """Diffusers families: local path or hub id of the pretrained pipeline (its transformer is the teacher)."""
     dtype: str = "float32"
@@ -197,6 +198,10 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if hint is Any:
         return value
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null, got {value!r}")
+        return None
     if origin in (typing.Union, types.UnionType):
         errors = []
         for option in typing.get_args(hint):

@@ -29,7 +29,7 @@ def sample_builtin(
         if label is not None and not 0 <= label < info.num_classes:
             raise ValueError(f"--label must be in [0, {info.num_classes - 1}], got {label}")
         cond["y"] = torch.full((num,), label) if label is not None else torch.arange(num) % info.num_classes
-    velocity = guidance_wrap(info.num_classes, float(info.model.get("guidance_scale", 0.0)))(loaded.module)
+    velocity = guidance_wrap(info.num_classes, info.model.get("guidance_scale"))(loaded.module)
     x = euler_sample(velocity, noise, sigma_grid(steps, shift), **cond).x
     x = Normalization.from_dict(info.data["normalization"]).to_data_space(x)
     out = Path(out)
@@ -68,3 +68,59 @@ def _save_picture(x: torch.Tensor, kind: str, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- diffusers pipelines with an SCFM LoRA
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def find_lora_dir(path: Path) -> Path | None:
+    """The directory holding the exported LoRA: ``path`` itself or a run's ``model/``; None for built-in models."""
+    for candidate in (Path(path), Path(path) / "model"):
+        if (candidate / LORA_WEIGHTS).is_file():
+            return candidate
+    return None
+
+
+def load_pipeline(pretrained: str, dtype: str = "bfloat16"):
+    """A diffusers pipeline on the GPU when there is one (bf16), else on the CPU in float32."""
+    from diffusers import DiffusionPipeline
+
+    use_cuda = torch.cuda.is_available()
+    torch_dtype = getattr(torch, dtype) if use_cuda else torch.float32
+    pipe = DiffusionPipeline.from_pretrained(pretrained, torch_dtype=torch_dtype)
+    return pipe.to("cuda" if use_cuda else "cpu")
+
+
+def sample_diffusers(
+    lora_dir: Path, *, pretrained: str | None, prompts: list[str], steps: int, shift: float | None,
+    lora_scale: float, seed: int, out: Path, height: int | None = None, width: int | None = None,
+) -> list[Path]:
+    """Generate images with the stock pipeline plus the exported SCFM LoRA; one PNG per prompt."""
+    import yaml
+
+    from .models.diffusers import sample_with_pipeline
+
+    if pretrained is None:
+        config_path = lora_dir.parent / "config.yaml"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"no --pipeline given and no {config_path} to read model.pretrained from")
+        pretrained = yaml.safe_load(config_path.read_text())["model"]["pretrained"]
+    pipe = load_pipeline(pretrained)
+    pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS, adapter_name="scfm")
+    height = height or pipe.default_sample_size * pipe.vae_scale_factor
+    width = width or pipe.default_sample_size * pipe.vae_scale_factor
+    generator = torch.Generator("cpu").manual_seed(seed)
+    images = sample_with_pipeline(
+        pipe, prompts, num_steps=steps, shift=shift, lora_scale=lora_scale, generator=generator,
+        height=height, width=width, output_type="pil",
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, image in enumerate(images):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i:03d}{out.suffix or '.png'}")
+        image.save(path)
+        written.append(path)
+    return written

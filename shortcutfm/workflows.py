@@ -53,7 +53,7 @@ class EvaluationReport:
 
 def _velocity(directory: Path) -> tuple[VelocityModel, dict]:
     loaded = load_model(directory)
-    wrap = guidance_wrap(loaded.info.num_classes, float(loaded.info.model.get("guidance_scale", 0.0)))
+    wrap = guidance_wrap(loaded.info.num_classes, loaded.info.model.get("guidance_scale"))
     return wrap(loaded.module), loaded.info.__dict__
 
 

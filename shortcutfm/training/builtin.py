@@ -30,9 +30,9 @@ class ArrayBatches:
         return self.data.x[indices], cond
 
 
-def guidance_wrap(num_classes: int, scale: float):
-    """Classifier-free guidance with the null label, or no wrapper for unlabelled data / scale 0."""
-    if not num_classes or scale == 0.0:
+def guidance_wrap(num_classes: int, scale: float | None):
+    """Classifier-free guidance with the null label, or no wrapper for unlabelled data / scale 0 or None."""
+    if not num_classes or not scale:
         return no_wrap
     return lambda model: ClassifierFreeGuidance(model, scale, null_label_uncond(num_classes))
 
