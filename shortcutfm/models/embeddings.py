@@ -35,3 +35,15 @@ class LabelEmbedding(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.table(y)
+
+
+def condition_vector(
+    sigma_embed: SigmaEmbedding, label_embed: LabelEmbedding | None, sigma: torch.Tensor, y: torch.Tensor | None
+) -> torch.Tensor:
+    """SiLU of the summed sigma and label embeddings; a missing ``y`` means the null label (unconditional)."""
+    cond = sigma_embed(sigma)
+    if label_embed is not None:
+        if y is None:
+            y = torch.full(sigma.shape, label_embed.num_classes, dtype=torch.long, device=sigma.device)
+        cond = cond + label_embed(y)
+    return nn.functional.silu(cond)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .embeddings import LabelEmbedding, SigmaEmbedding
+from .embeddings import LabelEmbedding, SigmaEmbedding, condition_vector
 
 
 class ResidualBlock(nn.Module):
@@ -46,12 +46,7 @@ class VelocityMLP(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        cond = self.sigma_embed(sigma)
-        if self.label_embed is not None:
-            if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-            cond = cond + self.label_embed(y)
-        cond = nn.functional.silu(cond)
+        cond = condition_vector(self.sigma_embed, self.label_embed, sigma, y)
         h = self.inp(x.flatten(1))
         for block in self.blocks:
             h = block(h, cond)

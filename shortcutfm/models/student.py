@@ -94,7 +94,25 @@ class FullStudent:
     def _shadow_velocity(self, shadow: Mapping[str, torch.Tensor]) -> VelocityModel:
         return _ShadowVelocity(self.module, shadow)
 
+    @torch.no_grad()
+    def _follow_module_device(self) -> None:
+        """Move the teacher and the EMA shadows to the live module's device.
+
+        The trainer builds the student on the CPU and ``accelerate.prepare`` then moves ``module`` (only); the
+        teacher copy and the shadows must follow it, as the LoRA student's adapters do by living in the module.
+        Shadow entries are replaced in the EMA's own dict, so velocities made earlier see the moved tensors.
+        """
+        device = next(self.module.parameters()).device
+        if self.teacher is not None:
+            self.teacher.to(device)
+        for ema in self.emas.averages():
+            for name, tensor in ema.shadow.items():
+                if tensor.device != device:
+                    ema.shadow[name] = tensor.to(device)
+
     def target_velocities(self) -> TargetVelocities:
+        """Teacher / fast-EMA / slow-EMA velocities, on the live module's device (call after moving it)."""
+        self._follow_module_device()
         return TargetVelocities(
             teacher=self.teacher,
             fast_ema=self._shadow_velocity(self.emas.fast.shadow),
@@ -102,6 +120,7 @@ class FullStudent:
         )
 
     def ema_velocity(self) -> VelocityModel:
+        self._follow_module_device()
         return self._shadow_velocity(self.emas.slow.shadow)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
