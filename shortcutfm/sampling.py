@@ -93,6 +93,18 @@ def load_pipeline(pretrained: str, dtype: str = "bfloat16"):
     return pipe.to("cuda" if use_cuda else "cpu")
 
 
+def _cache_layout(source: str | None) -> dict | None:
+    """The layout (height, width, max_sequence_length) of the prepared cache a run trained on, if readable."""
+    from .preparation.cache import CacheError, read_manifest
+
+    if not source:
+        return None
+    try:
+        return read_manifest(Path(source))["layout"]
+    except CacheError:
+        return None
+
+
 def sample_diffusers(
     lora_dir: Path, *, pretrained: str | None, prompts: list[str], steps: int, shift: float | None,
     lora_scale: float, seed: int, out: Path, height: int | None = None, width: int | None = None,
@@ -102,19 +114,25 @@ def sample_diffusers(
 
     from .models.diffusers import sample_with_pipeline
 
+    config_path = lora_dir.parent / "config.yaml"  # the run's config, beside model/, final/ and best/
+    run_config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
     if pretrained is None:
-        config_path = lora_dir.parent / "config.yaml"
-        if not config_path.is_file():
+        if not run_config:
             raise FileNotFoundError(f"no --pipeline given and no {config_path} to read model.pretrained from")
-        pretrained = yaml.safe_load(config_path.read_text())["model"]["pretrained"]
+        pretrained = run_config["model"]["pretrained"]
+    # Sample as the LoRA was trained: the run's guidance scale and, while its cache exists, its resolution and
+    # text length (otherwise the pipeline's defaults).
+    guidance = (run_config.get("model") or {}).get("guidance_scale")
+    layout = _cache_layout((run_config.get("data") or {}).get("source"))
+    extra = {"max_sequence_length": layout["max_sequence_length"]} if layout else {}
     pipe = load_pipeline(pretrained)
     pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS, adapter_name="scfm")
-    height = height or pipe.default_sample_size * pipe.vae_scale_factor
-    width = width or pipe.default_sample_size * pipe.vae_scale_factor
+    height = height or (layout["height"] if layout else pipe.default_sample_size * pipe.vae_scale_factor)
+    width = width or (layout["width"] if layout else pipe.default_sample_size * pipe.vae_scale_factor)
     generator = torch.Generator("cpu").manual_seed(seed)
     images = sample_with_pipeline(
-        pipe, prompts, num_steps=steps, shift=shift, lora_scale=lora_scale, generator=generator,
-        height=height, width=width, output_type="pil",
+        pipe, prompts, num_steps=steps, shift=shift, lora_scale=lora_scale, guidance=guidance,
+        generator=generator, height=height, width=width, output_type="pil", **extra,
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
