@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SCFM: few-step samplers from flow-matching models.")
-console = Console()
+console = Console(soft_wrap=True)
 OVERRIDES_HELP = "Config overrides as section.field=value, e.g. train.steps=2000 eval.every=100."
 
 
