@@ -45,5 +45,9 @@ def _train_two_steps():
 
 def test_ddp_two_processes_stay_in_sync():
     from accelerate import debug_launcher
+    from accelerate.state import AcceleratorState
+
+    # debug_launcher forks: a single-process state left by an earlier test in this interpreter would be inherited
+    AcceleratorState._reset_state(reset_partial_state=True)
 
     debug_launcher(_train_two_steps, num_processes=2)
