@@ -31,6 +31,14 @@ def _threads() -> None:
         torch.set_num_threads(1)
 
 
+def end_distributed() -> None:
+    """End the process group of a multi-process launch (torchrun): the trainer leaves it up for further runs."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @app.command()
 def train(
     config: str = typer.Argument(..., help="A YAML config file, or a preset name: pretrain, distill."),
@@ -39,14 +47,17 @@ def train(
 ) -> None:
     """Train: from-scratch flow matching (train.mode=pretrain) or SCFM distillation (train.mode=distill)."""
     from .config import load_config
+    from .preparation import CacheError
     from .workflows import resolve_config_path, run_training
 
     _threads()
     try:
         cfg = load_config(resolve_config_path(config), overrides or [])
         result = run_training(cfg, resume=resume)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, CacheError) as exc:  # CacheError: a bad data.source cache
         _fail(exc)
+    finally:
+        end_distributed()
     console.print(f"model: [bold]{result.model_dir}[/]")
 
 
@@ -158,6 +169,8 @@ def demo(
         result = run_demo(data, out, overrides or [], teacher_steps=teacher_steps)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         _fail(exc)
+    finally:
+        end_distributed()
     console.print(result.report.markdown)
     console.print(f"report: [bold]{result.report.out_dir / 'report.md'}[/]")
 

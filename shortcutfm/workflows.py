@@ -32,11 +32,13 @@ def is_diffusers_family(kind: str) -> bool:
 
 def run_training(config: Config, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train with ``config``: built-in networks on array data, or a LoRA on a diffusers model."""
+    # initialisation of a from-scratch network, or of a diffusers student's LoRA A matrices (peft draws them from
+    # the global generator): the same config gives the same run, also after other runs in the same process
+    torch.manual_seed(config.train.seed)
     if is_diffusers_family(config.model.kind):
         from .training.diffusers_setup import diffusers_setup
 
         return train(config, diffusers_setup(config), resume=resume, progress=progress)
-    torch.manual_seed(config.train.seed)  # initialisation of a from-scratch network
     split = load_split(config)
     judge = None
     if config.train.mode == "distill" and config.eval.every:

@@ -8,6 +8,7 @@ different batches while their weights stay in sync through DDP.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,12 +69,19 @@ def _target_velocities(setup: TrainingSetup) -> TargetVelocities:
 def train(config: Config, setup: TrainingSetup, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Run ``config.train.steps`` optimiser steps of the SCFM objective (plain flow matching for FLOW rows)."""
     run_dir = Path(config.train.output_dir)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision,
         log_with=config.train.tracker or None,
         project_dir=str(run_dir),
+        # Accelerate sets up the gloo process group of a CPU-only multi-process launch (torchrun, accelerate
+        # launch --multi_gpu) only when told cpu=True; without it every process would train alone as "main"
+        cpu=launched > 1 and not torch.accelerator.is_available(),
     )
     world, rank = accelerator.num_processes, accelerator.process_index
+    if launched > 1 and world != launched:
+        raise RuntimeError(f"{launched} processes were launched but Accelerate runs {world}: they would not "
+                           "train together; check the launcher and the device set-up")
     if config.train.batch_size % world:
         raise ValueError(f"train.batch_size ({config.train.batch_size}) must be divisible by the {world} processes")
     local_batch = config.train.batch_size // world
@@ -163,7 +171,11 @@ def train(config: Config, setup: TrainingSetup, *, resume: bool = False, progres
             + (f" (best {state.history[-1]['metric']} = {state.best_metric:.4g} at step {state.best_step})" if state.best_step else "")
         )
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # Not accelerator.end_training(): it also destroys the process group, which Accelerate's state (a process-wide
+    # singleton) would not set up again, so a second train() in the same processes (run_demo: teacher, then
+    # student) would fail under torchrun. The launcher's entry point ends it (cli.end_distributed).
+    for tracker in accelerator.trackers:
+        tracker.finish()
     return TrainResult(run_dir=run_dir, model_dir=model_dir, state=state)
 
 
