@@ -233,3 +233,11 @@ def test_cli_prepare_corrupt_image_fails_with_its_name(flux_pipe_dir, tmp_path):
                      "--out", str(tmp_path / "cache"), "--height", str(SIZE), "--width", str(SIZE)])
     assert result.exit_code == 2, result.output
     assert "broken.png" in result.output
+
+
+def test_cli_train_on_a_missing_cache_is_a_clean_error(flux_pipe_dir, tmp_path):
+    missing = tmp_path / "no-cache"
+    result = invoke(["train", "flux", f"data.source={missing}", f"model.pretrained={flux_pipe_dir}",
+                     f"train.output_dir={tmp_path / 'run'}"])
+    assert result.exit_code == 2, result.output
+    assert "no-cache" in result.output and "shortcutfm prepare" in result.output
