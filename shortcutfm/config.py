@@ -239,6 +239,8 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if hint is str:
+        if isinstance(value, bool):  # YAML 1.1 reads the words no/yes/off/on as booleans
+            value = "yes" if value else "no"
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
