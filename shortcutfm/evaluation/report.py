@@ -22,28 +22,38 @@ def write_metrics(rows: list[MetricRow], path: Path, extra: dict | None = None) 
 
 
 def plot_metric_vs_steps(rows: list[MetricRow], out_dir: Path) -> list[Path]:
-    """One figure per metric: value against steps (log scale), a line per model/sampler/shift, floor dashed."""
+    """One figure per metric: value against steps (log-log), colour per model/sampler, line style per shift,
+    and the data-against-data floor as a dotted line (or in the legend when it is not positive)."""
     paths = []
+    styles = ["-", "--", ":", "-."]
     for metric in sorted({r.metric for r in rows}):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         series: dict[tuple, list[MetricRow]] = {}
         for r in rows:
             if r.metric == metric and r.model != "data":
                 series.setdefault((r.model, r.sampler, r.shift), []).append(r)
+        curves = sorted({(model, sampler) for model, sampler, _ in series}, key=lambda c: (c[0] != "teacher", c))
+        shifts = sorted({shift for _, _, shift in series})
+        positive = all(p.value > 0 for points in series.values() for p in points)
         for (model, sampler, shift), points in sorted(series.items()):
             points.sort(key=lambda r: r.steps)
-            style = "-" if model != "teacher" else "--"
-            ax.plot([p.steps for p in points], [p.value for p in points], style, marker="o", ms=3,
-                    label=f"{model} {sampler} (shift {shift:g})")
+            ax.plot([p.steps for p in points], [p.value for p in points], styles[shifts.index(shift) % 4], marker="o",
+                    ms=3, color=f"C{curves.index((model, sampler))}", label=f"{model} {sampler}, shift {shift:g}")
         for r in rows:
             if r.metric == metric and r.model == "data":
-                ax.axhline(r.value, color="grey", lw=1, ls=":", label="data floor")
+                if r.value > 0 or not positive:
+                    ax.axhline(r.value, color="grey", lw=1, ls=":", label=f"data floor ({r.value:.3g})")
+                else:
+                    ax.plot([], [], " ", label=f"data floor {r.value:.2g} (not positive: off the log axis)")
+        steps = sorted({r.steps for r in rows if r.model != "data"})
         ax.set_xscale("log", base=2)
-        if metric in LOWER_IS_BETTER:
+        ax.set_xticks(steps, [str(n) for n in steps])
+        if metric in LOWER_IS_BETTER and positive:
             ax.set_yscale("log")
-        ax.set_xlabel("sampling steps")
+        ax.set_xlabel("sampling steps (Euler: NFE = steps; Heun: NFE = 2 steps - 1)")
         ax.set_ylabel(metric.replace("_", " "))
-        ax.set_title(f"{metric.replace('_', ' ')} against steps (lower is better)" if metric in LOWER_IS_BETTER else metric)
+        better = "lower" if metric in LOWER_IS_BETTER else "higher"
+        ax.set_title(f"{metric.replace('_', ' ')} against steps ({better} is better)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
         fig.tight_layout()
