@@ -76,10 +76,9 @@ def evaluate(
 
     _threads()
     try:
-        base = load_config(resolve_config_path(config)) if config else None
-        source = load_model(teacher).info.data.get("name", "")
-        cfg = load_config(resolve_config_path(config) if config else None,
-                          ([] if base else [f"data.source={source}"]) + list(overrides or []))
+        data = load_model(teacher).info.data  # evaluate on the teacher's data unless an override says otherwise
+        source = data.get("source", data.get("name", ""))
+        cfg = load_config(resolve_config_path(config) if config else None, [f"data.source={source}", *(overrides or [])])
         report = evaluate_models(cfg, teacher, student, out)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         _fail(exc)

@@ -80,6 +80,12 @@ def test_train_then_sample_a_users_npz(tmp_path):
     assert out.with_suffix(".png").is_file()
     result = run("sample", tmp_path / "run", "--label", 7, "--out", out)
     assert result.exit_code == 2 and "--label" in result.output
+    # eval finds the teacher's data (the user's file) by itself
+    result = run("eval", "--teacher", tmp_path / "run", "--out", tmp_path / "eval", "eval.sweep_samples=100",
+                 "eval.sweep_steps=[1,2]", "eval.sweep_shifts=[1.0]")
+    assert result.exit_code == 0, result.output
+    assert "| teacher | heun | 2 | 3 | 1 |" in result.output
+    assert (tmp_path / "eval" / "metrics.json").is_file()
 
 
 def test_demo_end_to_end_writes_report(tmp_path, monkeypatch):

@@ -92,7 +92,8 @@ def builtin_setup(config: Config, split: DataSplit, judge: Judge | None) -> Trai
         model=model_dict,
         sample_shape=list(train.sample_shape),
         num_classes=train.num_classes,
-        data={"name": train.name, "kind": train.kind, "normalization": train.normalization.to_dict()},
+        data={"name": train.name, "source": config.data.source, "kind": train.kind,
+              "normalization": train.normalization.to_dict()},
         trained_by=config.train.mode,
     )
 
