@@ -23,12 +23,16 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def _threads() -> None:
-    # one thread per process is fastest for the small built-in networks on CPU (see CALIBRATION.md)
-    if "OMP_NUM_THREADS" not in os.environ:
-        import torch
+def _threads(inference: bool = False) -> int | None:
+    """Unless OMP_NUM_THREADS says otherwise: one torch thread for training (fastest for the small built-in
+    networks, see CALIBRATION.md), every core for large-batch sampling. Returns the sampling thread count."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    import torch
 
-        torch.set_num_threads(1)
+    sampling_threads = os.cpu_count() or 1
+    torch.set_num_threads(sampling_threads if inference else 1)
+    return sampling_threads
 
 
 def end_distributed() -> None:
@@ -74,7 +78,7 @@ def evaluate(
     from .models.builtin import load_model
     from .workflows import evaluate_models, resolve_config_path
 
-    _threads()
+    _threads(inference=True)
     try:
         data = load_model(teacher).info.data  # evaluate on the teacher's data unless an override says otherwise
         source = data.get("source", data.get("name", ""))
@@ -163,9 +167,9 @@ def demo(
     """The whole story on the CPU: teacher, SCFM student, step sweep, report and figures."""
     from .workflows import run_demo
 
-    _threads()
+    sampling_threads = _threads()
     try:
-        result = run_demo(data, out, overrides or [], teacher_steps=teacher_steps)
+        result = run_demo(data, out, overrides or [], teacher_steps=teacher_steps, sweep_threads=sampling_threads)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         _fail(exc)
     finally:

@@ -144,6 +144,7 @@ def run_demo(
     overrides: list[str] | None = None,
     *,
     teacher_steps: int = 8000,
+    sweep_threads: int | None = None,
     progress: bool = True,
 ) -> DemoResult:
     """Teacher (bundled, or ``teacher_steps`` of flow matching here), SCFM student, step sweep and report."""
@@ -174,6 +175,8 @@ def run_demo(
     if best.best_step is not None:
         notes.append(f"Student: SCFM, best of {len(best.history)} evaluations ({best.history[0]['metric']}) at step "
                      f"{best.best_step} of {best.step}.")
+    if sweep_threads:
+        torch.set_num_threads(sweep_threads)  # large sampling batches use every core; training used one
     report = evaluate_models(
         config, teacher_dir, result.model_dir, out_dir / "report", title=f"SCFM demo on {source}", notes=notes,
         progress=progress,
