@@ -65,19 +65,29 @@ def plot_metric_vs_steps(rows: list[MetricRow], out_dir: Path) -> list[Path]:
 
 
 def plot_samples(kept: SweepSamples, dataset: ArrayDataset, out_dir: Path, max_images: int = 100) -> Path:
-    """Sample grids (images) or scatter plots (2-D vectors), one panel per kept (model, sampler, steps, shift)."""
+    """Held-out data, then one panel per kept (model, sampler, steps, shift): image grids, or scatter plots of
+    the first two coordinates on shared axes."""
     keys = sorted(kept.by_key, key=lambda k: (k[0] != "teacher", -k[2], k[1], k[3]))
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        x = dataset.to_data_space(kept.by_key[key])
-        model, sampler, steps, shift = key
+    panels = [("held-out data", dataset.to_data_space(dataset.x))]
+    panels += [(f"{m} {s}, {n} step{'s' if n > 1 else ''}", dataset.to_data_space(kept.by_key[(m, s, n, h)]))
+               for m, s, n, h in keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.5), squeeze=False)
+    if dataset.kind != "image":
+        reference = panels[0][1][:, :2]
+        low, high = torch.quantile(reference, 0.005, dim=0), torch.quantile(reference, 0.995, dim=0)
+        margin = 0.15 * (high - low)
+        low, high = (low - margin).tolist(), (high + margin).tolist()
+    for ax, (title, x) in zip(axes[0], panels):
         if dataset.kind == "image":
-            _show_image_grid(ax, x[:max_images], dataset)
+            is_data = title == "held-out data" and dataset.y is not None
+            _show_image_grid(ax, x[_classes_in_turn(dataset.y, max_images)] if is_data else x[:max_images], dataset)
         else:
             points = x[:, :2].numpy()
             ax.scatter(points[:, 0], points[:, 1], s=0.3, alpha=0.4, rasterized=True)
+            ax.set_xlim(low[0], high[0])
+            ax.set_ylim(low[1], high[1])
             ax.set_aspect("equal")
-        ax.set_title(f"{model} {sampler}, {steps} step{'s' if steps > 1 else ''}", fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
@@ -85,6 +95,15 @@ def plot_samples(kept: SweepSamples, dataset: ArrayDataset, out_dir: Path, max_i
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _classes_in_turn(labels: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices whose labels run 0, 1, ..., K-1, 0, 1, ... like the evaluation's class-conditional samples."""
+    num_classes = int(labels.max()) + 1
+    by_class = [torch.nonzero(labels == k).flatten() for k in range(num_classes)]
+    picks = [by_class[i % num_classes][(i // num_classes) % len(by_class[i % num_classes])]
+             for i in range(count) if len(by_class[i % num_classes])]
+    return torch.stack(picks)
 
 
 def _show_image_grid(ax, images: torch.Tensor, dataset: ArrayDataset) -> None:
