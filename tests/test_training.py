@@ -140,3 +140,36 @@ def test_pretrain_then_distill_runs_on_images_with_labels(tmp_path, monkeypatch)
     result = run_training(config, progress=False)
     assert result.state.history[0]["metric"] == "frechet_distance@3"
     assert json.loads((result.model_dir / "model.json").read_text())["model"]["guidance_scale"] == 1.5
+
+
+def test_convnet_pretrains_on_labelled_images_and_uses_labels(tmp_path):
+    config = pretrain_config(tmp_path, source="digits", steps=4,
+                             extra=["model.kind=convnet", "model.channels=8", "model.blocks=1"])
+    result = run_training(config, progress=False)
+    from shortcutfm.models import VelocityConvNet, load_model
+
+    loaded = load_model(result.model_dir)
+    assert isinstance(loaded.module, VelocityConvNet)
+    x, sigma = torch.randn(4, 1, 8, 8), torch.full((4,), 0.5)
+    with torch.no_grad():
+        conditional = loaded.module(x, sigma, y=torch.tensor([0, 1, 2, 3]))
+        null_label = loaded.module(x, sigma, y=torch.full((4,), 10))
+        unconditional = loaded.module(x, sigma)
+    assert conditional.shape == x.shape
+    assert torch.equal(null_label, unconditional)  # a missing label is the null label
+    assert not torch.allclose(conditional, null_label)
+
+
+def test_label_dropout_replaces_labels_by_the_null_label_at_its_rate():
+    from shortcutfm.training.builtin import label_dropout
+
+    labels = {"y": torch.randint(10, (20_000,), generator=torch.Generator().manual_seed(0))}
+    generator = torch.Generator().manual_seed(1)
+    assert torch.equal(label_dropout(10, 0.0)(labels, generator)["y"], labels["y"])
+    assert (label_dropout(10, 0.99999)(labels, generator)["y"] == 10).all()
+    dropped = label_dropout(10, 0.1)(labels, generator)["y"]
+    rate = (dropped == 10).float().mean().item()
+    assert abs(rate - 0.1) < 5 * (0.1 * 0.9 / 20_000) ** 0.5
+    kept = dropped != 10
+    assert torch.equal(dropped[kept], labels["y"][kept])
+    assert label_dropout(0, 0.5)({}, generator) == {}
