@@ -170,3 +170,11 @@ def tiny_pipeline(family: str, transformer: torch.nn.Module | None = None, seed:
             tokenizer=tiny_tokenizer(SEQUENCE_LENGTH["lumina2"]),
         )
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILY_NAMES}")
+
+
+def quiet_tiny_pipelines(families) -> dict:
+    """Tiny pipelines by family name, with their progress bars off (for module-scoped test fixtures)."""
+    built = {family: tiny_pipeline(family) for family in families}
+    for pipe in built.values():
+        pipe.set_progress_bar_config(disable=True)
+    return built

@@ -7,7 +7,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import numpy as np
 import pytest
 import torch
-from diffusers_fixtures import TEXT_LENGTH, tiny_pipeline
+from diffusers_fixtures import TEXT_LENGTH, quiet_tiny_pipelines
 from PIL import Image
 
 from shortcutfm.preparation import (
@@ -23,10 +23,7 @@ FAMILIES = ["flux", "sd3", "lumina2"]
 
 @pytest.fixture(scope="module")
 def pipes():
-    built = {family: tiny_pipeline(family) for family in FAMILIES}
-    for pipe in built.values():
-        pipe.set_progress_bar_config(disable=True)
-    return built
+    return quiet_tiny_pipelines(FAMILIES)
 
 
 def make_pairs(folder, count=10, start=0, names=None):

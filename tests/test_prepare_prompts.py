@@ -6,7 +6,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
-from diffusers_fixtures import LATENT_SIZE, TEXT_LENGTH, tiny_pipeline
+from diffusers_fixtures import LATENT_SIZE, TEXT_LENGTH, quiet_tiny_pipelines
 
 from shortcutfm.preparation import (
     LatentCache,
@@ -24,10 +24,7 @@ PROMPTS = ["a photo of a cat", "a red house", "a dog in the sky"]
 
 @pytest.fixture(scope="module")
 def pipes():
-    built = {family: tiny_pipeline(family) for family in FAMILIES}
-    for pipe in built.values():
-        pipe.set_progress_bar_config(disable=True)
-    return built
+    return quiet_tiny_pipelines(FAMILIES)
 
 
 def prepare(pipe, family, prompt_file, out_dir, **kwargs) -> PreparationReport:
