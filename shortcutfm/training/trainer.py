@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,8 +181,6 @@ def train(config: Config, setup: TrainingSetup, *, resume: bool = False, progres
 
 
 def _replace_dir(source: Path, target: Path) -> None:
-    import shutil
-
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
@@ -198,8 +197,6 @@ def _evaluate_and_keep_best(accelerator, setup, state, run_dir, bar) -> None:
         if improved:
             state.best_metric, state.best_step = result.value, state.step
             tmp = run_dir / "best.tmp"
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
             setup.export(tmp, "student")
             shutil.rmtree(run_dir / "best", ignore_errors=True)
