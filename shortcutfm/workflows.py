@@ -36,7 +36,11 @@ def run_training(config: Config, *, resume: bool = False, progress: bool = True)
     # the global generator): the same config gives the same run, also after other runs in the same process
     torch.manual_seed(config.train.seed)
     if is_diffusers_family(config.model.kind):
-        from .training.diffusers_setup import diffusers_setup
+        try:
+            from .training.diffusers_setup import diffusers_setup
+        except ImportError as exc:
+            raise ValueError(f"model.kind={config.model.kind!r} needs the diffusers extra ({exc.name} is missing): "
+                             'pip install "shortcutfm[diffusers]"') from None
 
         return train(config, diffusers_setup(config), resume=resume, progress=progress)
     split = load_split(config)

@@ -173,3 +173,19 @@ def test_label_dropout_replaces_labels_by_the_null_label_at_its_rate():
     kept = dropped != 10
     assert torch.equal(dropped[kept], labels["y"][kept])
     assert label_dropout(0, 0.5)({}, generator) == {}
+
+
+def test_tensorboard_tracker_logs_loss_and_evaluations(tmp_path, teacher_dir, monkeypatch):
+    pytest.importorskip("tensorboard")
+    monkeypatch.setenv("SHORTCUTFM_CACHE", str(tmp_path / "cache"))
+    config = distill_config(tmp_path, teacher_dir, steps=6,
+                            extra=["train.tracker=tensorboard", "eval.every=3", "eval.num_samples=128"])
+    run_training(config, progress=False)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = list((tmp_path / "student").rglob("events.out.tfevents.*"))
+    accumulator = EventAccumulator(str(events.parent))
+    accumulator.Reload()
+    tags = accumulator.Tags()["scalars"]
+    assert "loss" in tags and "eval/energy_distance@3" in tags
+    assert [e.step for e in accumulator.Scalars("eval/energy_distance@3")] == [3, 6]
