@@ -11,7 +11,7 @@ from .core.grids import sigma_grid
 from .core.samplers import euler_sample
 from .data import Normalization
 from .models.builtin import load_model
-from .training.builtin import guidance_wrap
+from .training.builtin import deployed_velocity
 
 
 def sample_builtin(
@@ -29,7 +29,7 @@ def sample_builtin(
         if label is not None and not 0 <= label < info.num_classes:
             raise ValueError(f"--label must be in [0, {info.num_classes - 1}], got {label}")
         cond["y"] = torch.full((num,), label) if label is not None else torch.arange(num) % info.num_classes
-    velocity = guidance_wrap(info.num_classes, info.model.get("guidance_scale"))(loaded.module)
+    velocity = deployed_velocity(loaded)
     x = euler_sample(velocity, noise, sigma_grid(steps, shift), **cond).x
     x = Normalization.from_dict(info.data["normalization"]).to_data_space(x)
     out = Path(out)
@@ -44,22 +44,13 @@ def sample_builtin(
 
 
 def _save_picture(x: torch.Tensor, kind: str, path: Path, title: str) -> None:
-    import matplotlib
+    from .evaluation.report import draw_image_grid  # imported first: it selects the Agg backend
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4, 4))
     if kind == "image":
-        n, c, h, w = x.shape
-        cols = int(np.ceil(np.sqrt(n)))
-        rows = int(np.ceil(n / cols))
-        low, high = x.min().item(), x.max().item()
-        canvas = np.zeros((rows * h, cols * w, c))
-        for i in range(n):
-            r, q = divmod(i, cols)
-            canvas[r * h:(r + 1) * h, q * w:(q + 1) * w] = ((x[i] - low) / max(high - low, 1e-8)).permute(1, 2, 0).numpy()
-        ax.imshow(canvas[..., 0] if c == 1 else canvas[..., :3], cmap="gray" if c == 1 else None)
+        draw_image_grid(ax, x, x.min().item(), x.max().item())
     else:
         ax.scatter(x[:, 0].numpy(), x[:, 1].numpy() if x.shape[1] > 1 else np.zeros(len(x)), s=2)
     ax.set_title(title)

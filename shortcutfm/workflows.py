@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -11,13 +10,11 @@ from pathlib import Path
 import torch
 
 from .config import Config, save_config
-from .core.velocity import VelocityModel
-from .data import ArrayDataset
 from .evaluation.judge import Judge, SampleSet
 from .evaluation.report import markdown_table, plot_metric_vs_steps, plot_samples, write_metrics
 from .evaluation.sweep import MetricRow, floor_rows, step_sweep
 from .models.builtin import load_model
-from .training.builtin import builtin_setup, guidance_wrap, load_split
+from .training.builtin import builtin_setup, deployed_velocity, load_split
 from .training.trainer import TrainResult, train
 
 
@@ -57,12 +54,6 @@ class EvaluationReport:
     markdown: str
 
 
-def _velocity(directory: Path) -> tuple[VelocityModel, dict]:
-    loaded = load_model(directory)
-    wrap = guidance_wrap(loaded.info.num_classes, loaded.info.model.get("guidance_scale"))
-    return wrap(loaded.module), loaded.info.__dict__
-
-
 def evaluate_models(
     config: Config,
     teacher_dir: Path,
@@ -80,10 +71,9 @@ def evaluate_models(
     split = load_split(config)
     judge = Judge.for_data(split.train, split.holdout, cache_dir() / "classifiers", seed=config.eval.seed)
     samples = SampleSet.draw(split.holdout, config.eval.sweep_samples, config.eval.seed)
-    teacher, _ = _velocity(teacher_dir)
-    models = {"teacher": (teacher, ("euler", "heun"))}
+    models = {"teacher": (deployed_velocity(load_model(teacher_dir)), ("euler", "heun"))}
     if student_dir is not None:
-        models["student"] = (_velocity(student_dir)[0], ("euler",))
+        models["student"] = (deployed_velocity(load_model(student_dir)), ("euler",))
     steps, shifts = config.eval.sweep_steps, config.eval.sweep_shifts
     first_shift = shifts[0]
     keep = {("teacher", "euler", max(steps), first_shift), ("teacher", "euler", 3, first_shift)}

@@ -107,12 +107,19 @@ def _classes_in_turn(labels: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _show_image_grid(ax, images: torch.Tensor, dataset: ArrayDataset) -> None:
+    if dataset.normalization.mode == "range":
+        low, high = dataset.to_data_space(torch.tensor([-1.0, 1.0])).tolist()
+    else:
+        low, high = images.min().item(), images.max().item()
+    draw_image_grid(ax, images, low, high)
+
+
+def draw_image_grid(ax, images: torch.Tensor, low: float, high: float) -> None:
+    """Images (N, C, H, W) tiled in a near-square grid, values ``[low, high]`` shown black to white."""
     n = images.shape[0]
     cols = int(n ** 0.5 + 0.999)
     rows = (n + cols - 1) // cols
     c, h, w = images.shape[1:]
-    low, high = dataset.to_data_space(torch.tensor([-1.0, 1.0])).tolist() if dataset.normalization.mode == "range" else (
-        images.min().item(), images.max().item())
     canvas = torch.full((c, rows * (h + 1), cols * (w + 1)), low)
     for i in range(n):
         r, q = divmod(i, cols)

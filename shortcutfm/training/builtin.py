@@ -11,7 +11,7 @@ from ..core.grids import sigma_grid
 from ..core.guidance import ClassifierFreeGuidance, null_label_uncond
 from ..data import ArrayDataset, DataSplit, load_dataset
 from ..evaluation.judge import Judge, SampleSet, generate
-from ..models.builtin import ModelInfo, build_model, load_model, save_model
+from ..models.builtin import LoadedModel, ModelInfo, build_model, load_model, save_model
 from ..models.student import FullStudent, no_wrap
 from .setup import Evaluation, TrainingSetup
 
@@ -35,6 +35,11 @@ def guidance_wrap(num_classes: int, scale: float | None):
     if not num_classes or not scale:
         return no_wrap
     return lambda model: ClassifierFreeGuidance(model, scale, null_label_uncond(num_classes))
+
+
+def deployed_velocity(loaded: LoadedModel):
+    """A saved built-in model as it samples: with the guidance scale it was trained with."""
+    return guidance_wrap(loaded.info.num_classes, loaded.info.model.get("guidance_scale"))(loaded.module)
 
 
 def label_dropout(num_classes: int, probability: float):
