@@ -160,3 +160,15 @@ def test_frechet_distance_matches_torchmetrics():
     fid.update(fa, real=True)
     fid.update(fb, real=False)
     assert frechet_distance(fa, fb) == pytest.approx(float(fid.compute()), rel=1e-5)
+
+
+def test_energy_reference_reuses_the_reference_term_and_matches_the_direct_estimate():
+    from shortcutfm.evaluation.metrics import EnergyReference
+
+    generator = torch.Generator().manual_seed(3)
+    reference = torch.randn(600, 2, generator=generator) + 5.0
+    scorer = EnergyReference(reference, chunk=128, block_dtype=torch.float64)
+    for shift in (0.0, 0.3):  # one scorer, several sample sets: each against the O(n^2) definition
+        x = torch.randn(400, 2, generator=generator) + 5.0 + shift
+        assert scorer(x) == pytest.approx(naive_energy(x, reference), abs=1e-12)
+    assert scorer(x) > 10 * abs(scorer(torch.randn(1000, 2, generator=generator) + 5.0))

@@ -17,7 +17,8 @@ import torch
 from ..core.samplers import sample
 from ..core.velocity import VelocityModel
 from ..data import ArrayDataset
-from .metrics import energy_distance, frechet_distance, sliced_wasserstein2
+from . import classifier as feature_classifier
+from .metrics import EnergyReference, frechet_distance, sliced_wasserstein2
 
 
 @dataclass
@@ -66,33 +67,29 @@ class Judge:
     classifier_accuracy: float | None = None
     seed: int = 0
     _reference_features: torch.Tensor | None = field(default=None, repr=False)
+    _energy_reference: EnergyReference | None = field(default=None, repr=False)
 
     @classmethod
     def for_data(cls, train: ArrayDataset, holdout: ArrayDataset, cache_dir: Path, seed: int = 0) -> "Judge":
         if holdout.kind == "image" and holdout.num_classes:
-            from .classifier import load_or_train_classifier
-
-            classifier, accuracy = load_or_train_classifier(train, holdout, cache_dir, seed=seed)
+            classifier, accuracy = feature_classifier.load_or_train_classifier(train, holdout, cache_dir, seed=seed)
             return cls(holdout, "frechet_distance", classifier, accuracy, seed)
         return cls(holdout, "energy_distance", seed=seed)
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([self.classifier.features(part) for part in x.split(2048)])
 
     def score(self, x: torch.Tensor, labels: torch.Tensor | None = None, *, primary_only: bool = False) -> dict[str, float]:
         """Metrics of samples ``x`` (model space) against the held-out reference; lower is better except accuracy."""
         if self.classifier is not None:
             if self._reference_features is None:
-                self._reference_features = self._features(self.reference.x)
-            scores = {"frechet_distance": frechet_distance(self._features(x), self._reference_features)}
+                self._reference_features = feature_classifier.classifier_features(self.classifier, self.reference.x)
+            features = feature_classifier.classifier_features(self.classifier, x)
+            scores = {"frechet_distance": frechet_distance(features, self._reference_features)}
             if not primary_only and labels is not None:
-                with torch.no_grad():
-                    predicted = torch.cat([self.classifier(part).argmax(-1) for part in x.split(2048)])
-                scores["classifier_accuracy"] = (predicted == labels).float().mean().item()
+                scores["classifier_accuracy"] = feature_classifier.classifier_accuracy(self.classifier, x, labels)
             return scores
         flat, ref = x.flatten(1), self.reference.x.flatten(1)
-        scores = {"energy_distance": energy_distance(flat, ref)}
+        if self._energy_reference is None:
+            self._energy_reference = EnergyReference(ref)
+        scores = {"energy_distance": self._energy_reference(flat)}
         if not primary_only:
             generator = torch.Generator().manual_seed(self.seed)
             scores["sliced_wasserstein2"] = sliced_wasserstein2(flat, ref, generator=generator)
