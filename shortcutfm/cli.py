@@ -134,6 +134,8 @@ def prepare(
     height: Optional[int] = typer.Option(None, "--height", help="Pixels (default: the pipeline's)."),
     width: Optional[int] = typer.Option(None, "--width", help="Pixels (default: the pipeline's)."),
     seed: int = typer.Option(0, "--seed", help="Base seed of the teacher's noise."),
+    max_sequence_length: Optional[int] = typer.Option(
+        None, "--max-sequence-length", help="Text tokens of the long text encoder (T5/Gemma; default: the pipeline's)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images instead of failing (after caching the good ones)."),
 ) -> None:
     """Encode once: latents and text embeddings (and the empty prompt) cached as safetensors shards."""
@@ -146,10 +148,11 @@ def prepare(
         pipe = load_pipeline(pipeline)
         if prompts is not None:
             report = prepare_from_prompts(pipe, prompts, out, num_steps=steps, height=height, width=width, seed=seed,
-                                          model_id=pipeline)
+                                          model_id=pipeline, max_sequence_length=max_sequence_length)
         else:
             report = prepare_from_folder(pipe, images, out, height=height, width=width, model_id=pipeline,
-                                         on_error="skip" if skip_bad else "raise")
+                                         on_error="skip" if skip_bad else "raise",
+                                         max_sequence_length=max_sequence_length)
     except PreparationError as exc:
         _fail(exc)
     except (ValueError, FileNotFoundError, OSError) as exc:
@@ -176,6 +179,63 @@ def demo(
         end_distributed()
     console.print(result.report.markdown)
     console.print(f"report: [bold]{result.report.out_dir / 'report.md'}[/]")
+
+
+world_app = typer.Typer(no_args_is_help=True, help="The t2i proving ground's procedural captioned-image world.")
+app.add_typer(world_app, name="world")
+
+
+@world_app.command("images")
+def world_images(
+    out: Path = typer.Argument(..., help="Folder to write NNNNNN.png images with same-stem .txt captions into."),
+    count: int = typer.Option(1000, "--count", help="Number of images."),
+    split: str = typer.Option("train", "--split", help="Scenes from: train, heldout or all."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Render captioned world images (what `shortcutfm prepare --images` reads)."""
+    from .t2i import world
+
+    try:
+        world.write_image_folder(out, world.random_scenes(count, seed, split), seed)
+    except ValueError as exc:
+        _fail(exc)
+    console.print(f"wrote {count} images with captions to [bold]{out}[/]")
+
+
+@world_app.command("prompts")
+def world_prompts(
+    out: Path = typer.Argument(..., help="Prompt file (.txt, one prompt per line) to write."),
+    count: int = typer.Option(1000, "--count", help="Number of prompts."),
+    split: str = typer.Option("train", "--split", help="Scenes from: train, heldout or all."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write world captions, one per line (what `shortcutfm prepare --prompts` reads)."""
+    from .t2i import world
+
+    try:
+        texts = world.captions_for(world.random_scenes(count, seed, split), seed + 1)
+    except ValueError as exc:
+        _fail(exc)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(texts) + "\n")
+    console.print(f"wrote {count} prompts to [bold]{out}[/]")
+
+
+@world_app.command("base")
+def world_base(
+    out: Path = typer.Argument(..., help="Pipeline folder to write (the VAE trained here, a random transformer)."),
+    vae_steps: int = typer.Option(2500, "--vae-steps", help="Autoencoder training steps."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Build the world's StableDiffusion3Pipeline: tokenizers, text encoders, a VAE trained on world renders,
+    and an untrained transformer (train it with `shortcutfm train t2i-teacher`)."""
+    from .t2i.pipeline import build_base_pipeline, save_pipeline, train_vae, vae_reconstruction_error
+
+    _threads()
+    vae = train_vae(steps=vae_steps, seed=seed)
+    console.print(f"VAE reconstruction MSE on fresh renders: {vae_reconstruction_error(vae):.5f}")
+    save_pipeline(build_base_pipeline(vae, seed=seed), out)
+    console.print(f"pipeline: [bold]{out}[/]")
 
 
 def main() -> None:

@@ -54,7 +54,8 @@ class ModelConfig:
     blocks: int = 2
     """convnet: residual blocks per level."""
     label_dropout: float = 0.1
-    """Probability of replacing a class label by the null label in training (classifier-free guidance)."""
+    """Condition dropout in training, for classifier-free guidance: the probability of replacing a class label by
+    the null label (built-in networks) or a prompt by the empty prompt (diffusers families, train.mode=pretrain)."""
     guidance_scale: float | None = None
     """Classifier-free guidance weight w (student, targets and sampling alike); None = 0 for built-in networks on
     labelled data, the family's default for diffusers models (SD3: 3.5)."""

@@ -36,8 +36,10 @@ def pipeline_family(pipe):
 
 
 def pixel_multiple(pipe) -> int:
-    """Image height and width must be multiples of this: VAE downsampling times the 2x2 latent patches."""
-    return pipe.vae_scale_factor * 2
+    """Image height and width must be multiples of this: VAE downsampling times the transformer's latent
+    patch size (2 for FLUX, SD3 and Lumina 2 checkpoints)."""
+    patch = getattr(getattr(pipe, "transformer", None), "config", None)
+    return pipe.vae_scale_factor * int(getattr(patch, "patch_size", 2) or 2)
 
 
 def pipeline_default(pipe, argument: str):

@@ -1,14 +1,25 @@
-"""Training set-up for a LoRA on a diffusers model (Flux, SD3, Lumina 2) from a prepared latent cache."""
+"""Training set-up for a diffusers model (Flux, SD3, Lumina 2) from a prepared latent cache.
+
+* ``train.mode=distill``: an SCFM LoRA on the frozen pretrained transformer (:class:`LoraStudent`);
+* ``train.mode=pretrain``: the transformer of ``model.pretrained``'s architecture trained from scratch, every
+  weight (:class:`FullStudent`, no teacher), with caption dropout (``model.label_dropout``: the prompt replaced
+  by the cached empty prompt) so that classifier-free guidance works. The run exports a complete pipeline
+  folder: ``model.pretrained``'s other components with the trained transformer (its EMA weights).
+"""
 
 from __future__ import annotations
 
+import copy
+import shutil
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
 from ..config import Config
 from ..core.samplers import euler_sample
 from ..models.diffusers import LoraSettings, LoraStudent, export_lora, get_family, sampling_grid
+from ..models.student import FullStudent, no_wrap
 from ..preparation import LatentCache
 from .setup import Evaluation, TrainingSetup
 
@@ -60,9 +71,25 @@ def teacher_agreement_evaluator(config: Config, student: LoraStudent, cache: Lat
     return evaluate
 
 
-def diffusers_setup(config: Config) -> TrainingSetup:
-    """LoRA student on the frozen pretrained transformer, trained from the cache in ``data.source``."""
-    family = get_family(config.model.kind)
+def caption_dropout(uncond: Mapping[str, torch.Tensor], probability: float):
+    """Per-step cond transform: each sample's text tensors replaced by the empty prompt's with ``probability``."""
+
+    def training_cond(cond: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if probability == 0.0:
+            return cond
+        reference = next(iter(cond.values()))
+        drop = torch.rand(reference.shape[0], generator=generator) < probability
+        out = dict(cond)
+        for key, empty in uncond.items():
+            if key in out:
+                mask = drop.view(-1, *([1] * (out[key].ndim - 1)))
+                out[key] = torch.where(mask, empty.to(out[key].dtype).expand_as(out[key]), out[key])
+        return out
+
+    return training_cond
+
+
+def _open_cache(config: Config, family) -> LatentCache:
     if not config.model.pretrained:
         raise ValueError(f"model.pretrained must name the {family.name} pipeline (local path or hub id)")
     cache = LatentCache(Path(config.data.source))
@@ -71,6 +98,69 @@ def diffusers_setup(config: Config) -> TrainingSetup:
             f"data.source {config.data.source} was prepared for {cache.layout.family!r}, but model.kind is "
             f"{family.name!r}; prepare the data with the same model"
         )
+    return cache
+
+
+def export_pipeline(base_dir: Path, transformer: torch.nn.Module, directory: Path) -> None:
+    """A pipeline folder: every component of the local pipeline ``base_dir`` but ``transformer/``, plus
+    ``transformer`` saved with ``save_pretrained`` (safetensors)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for item in base_dir.iterdir():
+        if item.name == "transformer":
+            continue
+        target = directory / item.name
+        if item.is_dir():
+            shutil.copytree(item, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, target)
+    transformer.save_pretrained(directory / "transformer", safe_serialization=True)
+
+
+def diffusers_pretrain_setup(config: Config) -> TrainingSetup:
+    """The transformer of ``model.pretrained``'s architecture, randomly initialised (from the global seed the
+    caller set), trained with every weight from the cache in ``data.source``."""
+    family = get_family(config.model.kind)
+    cache = _open_cache(config, family)
+    base_dir = Path(config.model.pretrained)
+    if not (base_dir / "model_index.json").is_file():
+        raise ValueError(f"model.pretrained={config.model.pretrained!r}: train.mode=pretrain needs a local pipeline "
+                         "folder (with model_index.json) whose transformer config it trains from scratch")
+    transformer_config = family.transformer_class.load_config(base_dir / "transformer")
+    transformer = family.transformer_class.from_config(transformer_config).to(DTYPES[config.model.dtype])
+    velocity = family.velocity(transformer)
+    velocity.set_gradient_checkpointing(config.model.gradient_checkpointing)
+    student = FullStudent(velocity, config.ema, teacher=False, wrap=no_wrap)
+    height, width = cache.get(torch.arange(1))["latents"].shape[-2:]
+
+    def export(directory: Path, source: str) -> None:
+        trained = copy.deepcopy(transformer)
+        if source == "ema":
+            prefix = "transformer."
+            shadow = {name[len(prefix):]: tensor for name, tensor in student.emas.slow.shadow.items()}
+            missing = set(dict(trained.named_parameters())) - set(shadow)
+            if missing:
+                raise RuntimeError(f"the EMA lacks {sorted(missing)[:3]}")
+            trained.load_state_dict(shadow, strict=False)
+        export_pipeline(base_dir, trained, directory)
+
+    return TrainingSetup(
+        student=student,
+        data=CachedBatches(cache),
+        training_cond=caption_dropout(cache.uncond, config.model.label_dropout),
+        num_tokens=family.num_image_tokens(height, width),
+        allow_teacher=False,
+        evaluate=None,
+        export=export,
+    )
+
+
+def diffusers_setup(config: Config) -> TrainingSetup:
+    """LoRA student on the frozen pretrained transformer, trained from the cache in ``data.source``
+    (``train.mode=pretrain``: :func:`diffusers_pretrain_setup`)."""
+    if config.train.mode == "pretrain":
+        return diffusers_pretrain_setup(config)
+    family = get_family(config.model.kind)
+    cache = _open_cache(config, family)
     student = LoraStudent.from_pretrained(
         family,
         config.model.pretrained,
