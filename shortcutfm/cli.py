@@ -67,23 +67,51 @@ def train(
 
 @app.command("eval")
 def evaluate(
-    teacher: Path = typer.Option(..., "--teacher", help="Teacher model directory (a pretrain run or its model/)."),
-    student: Optional[Path] = typer.Option(None, "--student", help="Student model directory (a distill run)."),
+    arguments: Optional[List[str]] = typer.Argument(
+        None, help="RUN (a LoRA run on a t2i world pipeline) and/or config overrides as section.field=value."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Built-in models: teacher model directory (a pretrain run or its model/)."),
+    student: Optional[Path] = typer.Option(None, "--student", help="Built-in models: student model directory (a distill run)."),
     out: Path = typer.Option(Path("runs/eval"), "--out", help="Report directory."),
     config: Optional[str] = typer.Option(None, "--config", help="Config file for data and eval settings."),
-    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    num_prompts: int = typer.Option(512, "--num-prompts", help="LoRA runs: held-out prompts of the sweep."),
+    lora_scale: float = typer.Option(1.0, "--lora-scale", help="LoRA runs: adapter scale."),
 ) -> None:
-    """Step sweep (teacher Euler and Heun, student Euler; 1-32 steps, same noise) with metrics.json, report.md, PNGs."""
+    """Step sweep with the same noise for every row: built-in models (--teacher, --student: teacher Euler and
+    Heun, student Euler, 1-32 steps) or a LoRA run on the t2i proving ground (RUN: fd_data, fd_teacher,
+    adherence on held-out prompts). Writes metrics.json, report.md and PNGs."""
     from .config import load_config
-    from .models.builtin import load_model
-    from .workflows import evaluate_models, resolve_config_path
+    from .workflows import resolve_config_path
 
     _threads(inference=True)
+    arguments = list(arguments or [])
+    run_dir = Path(arguments.pop(0)) if arguments and "=" not in arguments[0] else None
     try:
-        data = load_model(teacher).info.data  # evaluate on the teacher's data unless an override says otherwise
-        source = data.get("source", data.get("name", ""))
-        cfg = load_config(resolve_config_path(config) if config else None, [f"data.source={source}", *(overrides or [])])
-        report = evaluate_models(cfg, teacher, student, out)
+        if run_dir is not None:
+            from .t2i.demo import evaluate_lora_run
+            from .t2i.evaluate import is_world_pipeline
+            from .workflows import cache_dir
+
+            run_config = run_dir / "config.yaml"
+            if not run_config.is_file():
+                raise FileNotFoundError(f"{run_config} not found: RUN must be a training run folder (train.output_dir)")
+            cfg = load_config(run_config, arguments)
+            if not is_world_pipeline(cfg.model.pretrained):
+                raise ValueError(f"{run_dir} trained on {cfg.model.pretrained!r}, not a t2i world pipeline: `eval RUN` "
+                                 "measures LoRA runs on the proving ground (built-in models: --teacher/--student)")
+            model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
+            report = evaluate_lora_run(Path(cfg.model.pretrained), model_dir, out, guidance_scale=cfg.model.guidance_scale or 0.0,
+                                       shift=cfg.eval.select_shift, num_prompts=num_prompts, seed=cfg.eval.seed,
+                                       lora_scale=lora_scale, cache_dir=cache_dir() / "t2i")
+        else:
+            from .models.builtin import load_model
+            from .workflows import evaluate_models
+
+            if teacher is None:
+                raise ValueError("give RUN (a LoRA run) or --teacher DIR (built-in models)")
+            data = load_model(teacher).info.data  # evaluate on the teacher's data unless an override says otherwise
+            source = data.get("source", data.get("name", ""))
+            cfg = load_config(resolve_config_path(config) if config else None, [f"data.source={source}", *arguments])
+            report = evaluate_models(cfg, teacher, student, out)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         _fail(exc)
     console.print(report.markdown)
@@ -162,7 +190,7 @@ def prepare(
 
 @app.command()
 def demo(
-    data: str = typer.Option("digits", "--data", help="digits, a toy (checkerboard, 8gaussians, moons, spirals, rings) or a .npz file."),
+    data: str = typer.Option("digits", "--data", help="digits, t2i (the text-to-image proving ground), a toy (checkerboard, 8gaussians, moons, spirals, rings) or a .npz file."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output directory."),
     teacher_steps: int = typer.Option(8000, "--teacher-steps", help="Flow-matching steps when no bundled teacher exists."),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP + " Applied to the distillation."),
@@ -171,6 +199,19 @@ def demo(
     from .workflows import run_demo
 
     sampling_threads = _threads()
+    if data == "t2i":
+        from .t2i.demo import run_t2i_demo
+        from .workflows import cache_dir
+
+        try:
+            report = run_t2i_demo(out, overrides or [], cache_dir=cache_dir() / "t2i", sweep_threads=sampling_threads)
+        except (ValueError, FileNotFoundError, KeyError) as exc:
+            _fail(exc)
+        finally:
+            end_distributed()
+        console.print(report.markdown)
+        console.print(f"report: [bold]{report.out_dir / 'report.md'}[/]")
+        return
     try:
         result = run_demo(data, out, overrides or [], teacher_steps=teacher_steps, sweep_threads=sampling_threads)
     except (ValueError, FileNotFoundError, KeyError) as exc:

@@ -74,13 +74,25 @@ def find_lora_dir(path: Path) -> Path | None:
     return None
 
 
+def absent_components(pretrained: str) -> dict:
+    """``{name: None}`` for the components a local pipeline folder records as absent (``[null, null]`` in its
+    model_index.json, e.g. SD3 without T5): ``from_pretrained`` must be told so, or it refuses the folder."""
+    import json
+
+    index = Path(pretrained) / "model_index.json"
+    if not index.is_file():
+        return {}
+    return {name: None for name, value in json.loads(index.read_text()).items()
+            if isinstance(value, list) and value == [None, None]}
+
+
 def load_pipeline(pretrained: str, dtype: str = "bfloat16"):
     """A diffusers pipeline on the GPU when there is one (bf16), else on the CPU in float32."""
     from diffusers import DiffusionPipeline
 
     use_cuda = torch.cuda.is_available()
     torch_dtype = getattr(torch, dtype) if use_cuda else torch.float32
-    pipe = DiffusionPipeline.from_pretrained(pretrained, torch_dtype=torch_dtype)
+    pipe = DiffusionPipeline.from_pretrained(pretrained, torch_dtype=torch_dtype, **absent_components(pretrained))
     return pipe.to("cuda" if use_cuda else "cpu")
 
 

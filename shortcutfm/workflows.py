@@ -39,7 +39,13 @@ def run_training(config: Config, *, resume: bool = False, progress: bool = True)
             raise ValueError(f"model.kind={config.model.kind!r} needs the diffusers extra ({exc.name} is missing): "
                              'pip install "shortcutfm[diffusers]"') from None
 
-        return train(config, diffusers_setup(config), resume=resume, progress=progress)
+        setup = diffusers_setup(config)
+        if config.train.mode == "distill" and config.eval.every:
+            from .t2i.evaluate import is_world_pipeline, selection_evaluator
+
+            if is_world_pipeline(config.model.pretrained):  # the proving ground: select on images, not latents
+                setup.evaluate = selection_evaluator(config, setup.student, setup.data.cache, cache_dir() / "t2i")
+        return train(config, setup, resume=resume, progress=progress)
     split = load_split(config)
     judge = None
     if config.train.mode == "distill" and config.eval.every:

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from ..data import ArrayDataset  # noqa: E402
 from .sweep import MetricRow, SweepSamples  # noqa: E402
 
-LOWER_IS_BETTER = {"energy_distance", "sliced_wasserstein2", "frechet_distance"}
+LOWER_IS_BETTER = {"energy_distance", "sliced_wasserstein2", "frechet_distance", "fd_data", "fd_teacher"}
 
 
 def write_metrics(rows: list[MetricRow], path: Path, extra: dict | None = None) -> None:

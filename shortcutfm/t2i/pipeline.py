@@ -17,6 +17,7 @@ Components (all saved with ``save_pretrained``, safetensors, loadable with ``Dif
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ TEXT_LENGTH = 24  # CLIP tokens per prompt: the longest caption is 21 words plus
 T5_LENGTH = 4  # the zero "T5" tokens SD3 appends when it has no T5 encoder
 PATCH_SIZE = 4  # 4x4 latent patches: 16 image tokens, 2x2 per quadrant
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
+MARKER = "t2i_world.json"  # written into a world pipeline's folder; copied into pipelines trained from it
 
 
 def world_tokenizer():
@@ -76,7 +78,7 @@ def build_vae(seed: int = 0):
         return AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            layers_per_block=1, norm_num_groups=8, sample_size=world.IMAGE_SIZE,
+            layers_per_block=1, norm_num_groups=8, sample_size=world.IMAGE_SIZE, scaling_factor=1.0, shift_factor=0.0,
         )
 
 
@@ -169,6 +171,16 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def save_pipeline(pipe, directory: str | Path) -> Path:
+    """``save_pretrained`` (safetensors) plus the world marker file that tells shortcutfm what it is."""
     directory = Path(directory)
     pipe.save_pretrained(directory, safe_serialization=True)
+    # save_pretrained leaves the absent T5 out of model_index.json; from_pretrained then refuses the folder.
+    # [null, null] is how diffusers records an optional component that is not there.
+    index_path = directory / "model_index.json"
+    index = json.loads(index_path.read_text())
+    for name in ("text_encoder_3", "tokenizer_3"):
+        index.setdefault(name, [None, None])
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
+    info = {"world": "shortcutfm.t2i", "image_size": world.IMAGE_SIZE, "max_sequence_length": T5_LENGTH}
+    (directory / MARKER).write_text(json.dumps(info, indent=2))
     return directory

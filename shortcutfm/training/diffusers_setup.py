@@ -126,7 +126,9 @@ def diffusers_pretrain_setup(config: Config) -> TrainingSetup:
         raise ValueError(f"model.pretrained={config.model.pretrained!r}: train.mode=pretrain needs a local pipeline "
                          "folder (with model_index.json) whose transformer config it trains from scratch")
     transformer_config = family.transformer_class.load_config(base_dir / "transformer")
-    transformer = family.transformer_class.from_config(transformer_config).to(DTYPES[config.model.dtype])
+    transformer = family.transformer_class.from_config(transformer_config)
+    if DTYPES[config.model.dtype] != torch.float32:
+        transformer = transformer.to(DTYPES[config.model.dtype])
     velocity = family.velocity(transformer)
     velocity.set_gradient_checkpointing(config.model.gradient_checkpointing)
     student = FullStudent(velocity, config.ema, teacher=False, wrap=no_wrap)
