@@ -24,6 +24,7 @@ the same noise in one pass.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -48,6 +49,7 @@ class ClaimSettings:
 
     pipeline: str = ""  # the teacher pipeline folder ("" = the bundled one)
     teacher_cache: str = ""  # the real-image cache the teacher was trained on (pretrain experiment)
+    pretrain_base: str = ""  # the pipeline whose transformer architecture `pretrain` trains ("" = the teacher's)
     train_prompts: int = 512
     eval_prompts: int = 512
     student_steps: int = 1500
@@ -78,7 +80,28 @@ def quick_settings(pipeline: Path, teacher_cache: Path) -> ClaimSettings:
 
 # ---------------------------------------------------------------- one training each (run in worker processes)
 
+RESULT_NAME = "claim_result.json"
 
+
+def reusing_finished(function):
+    """Run a training job unless its folder already holds the result of the same job (a rerun, or trainings
+    made earlier with ``--only``): the job description is stored beside the result and must match."""
+
+    @functools.wraps(function)  # keeps the module-level name, so worker processes can unpickle the job function
+    def run(job: dict) -> dict:
+        path = Path(job["out"]) / RESULT_NAME
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            if stored.get("job") == job:
+                return stored["result"]
+        result = function(job)
+        path.write_text(json.dumps({"job": job, "result": result}, indent=2))
+        return result
+
+    return run
+
+
+@reusing_finished
 def _student_job(job: dict) -> dict:
     """Prepare the job's data (teacher-made prompts or images) and train an SCFM LoRA; returns its run."""
     torch.set_num_threads(1)
@@ -107,6 +130,7 @@ def _student_job(job: dict) -> dict:
             "steps": result.state.step, "best_step": result.state.best_step}
 
 
+@reusing_finished
 def _pretrain_job(job: dict) -> dict:
     """Train the teacher's architecture from scratch on the real-image cache (plain FM or FM + SCFM rows)."""
     torch.set_num_threads(1)
@@ -125,6 +149,7 @@ def _pretrain_job(job: dict) -> dict:
             "seconds_per_step": seconds / max(1, result.state.step), "steps": result.state.step}
 
 
+@reusing_finished
 def _style_job(job: dict) -> dict:
     """An ordinary LoRA: plain flow matching (flow_fraction 1, unguided) on renders with a purple background."""
     torch.set_num_threads(1)
@@ -144,7 +169,6 @@ def _style_job(job: dict) -> dict:
         "jumps.flow_fraction=1.0", "model.guidance_scale=0.0", "eval.every=0", f"train.steps={job['steps']}",
         "jumps.shift_range=[1.0, 3.0]", "jumps.alt_shift_prob=0.0", *job["overrides"],
     ])
-    config.eval.every = 0
     result = run_training(config, progress=False)
     return {"name": job["name"], "model_dir": str(result.model_dir)}
 
@@ -216,7 +240,10 @@ def measure_style(pipeline: Path, scfm_lora: Path, style_lora: Path, prompts: li
     return rows
 
 
-def run_claims(out: Path, settings: ClaimSettings, *, demo_run: Path | None = None, progress: bool = True) -> dict:
+def run_claims(out: Path, settings: ClaimSettings, *, demo_run: Path | None = None, only: list[str] | None = None,
+               progress: bool = True) -> dict | None:
+    """Train every experiment's models (two at a time), then sweep them all; ``only`` trains just the named jobs
+    (e.g. ``pretrain-fm``) and stops, so that a later full run reuses them."""
     from shortcutfm.config import load_config
     from shortcutfm.t2i import evaluate as ev
     from shortcutfm.t2i.demo import sweep_plan
@@ -241,13 +268,19 @@ def run_claims(out: Path, settings: ClaimSettings, *, demo_run: Path | None = No
     jobs += [(_student_job, student(f"data-{k}", "prompts", k)) for k in settings.data_sizes]
     if settings.teacher_cache:
         for name, fraction in (("pretrain-fm", 1.0), ("pretrain-scfm", settings.pretrain_flow_fraction)):
-            jobs.append((_pretrain_job, {"name": name, "out": str(out / name), "pipeline": str(pipeline),
+            base = settings.pretrain_base or str(pipeline)
+            jobs.append((_pretrain_job, {"name": name, "out": str(out / name), "pipeline": base,
                                          "cache": settings.teacher_cache, "steps": settings.pretrain_steps,
                                          "batch": settings.pretrain_batch, "flow_fraction": fraction,
                                          "overrides": settings.pretrain_overrides}))
     jobs.append((_style_job, {"name": "style-lora", "out": str(out / "style-lora"), "pipeline": str(pipeline),
                               "count": settings.style_images, "steps": settings.style_steps, "seed": settings.seed,
                               "overrides": [o for o in settings.overrides if not o.startswith("eval.")]}))
+    if only:
+        unknown = set(only) - {job["name"] for _, job in jobs}
+        if unknown:
+            raise SystemExit(f"--only: unknown jobs {sorted(unknown)}; known: {[job['name'] for _, job in jobs]}")
+        jobs = [(function, job) for function, job in jobs if job["name"] in only]
     results = {}
     if demo_run is not None:
         results["full"] = {"name": "full", "model_dir": str(Path(demo_run) / "student" / "model")}
@@ -263,6 +296,8 @@ def run_claims(out: Path, settings: ClaimSettings, *, demo_run: Path | None = No
             result = function(job)
             results[result["name"]] = result
     trained = time.perf_counter() - started
+    if only:
+        return None
 
     # one sweep: every model, the same held-out prompts and noise
     pipe = ev.load_world_pipeline(pipeline)
@@ -352,16 +387,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny pipeline and budgets (the test suite runs this)")
     parser.add_argument("--demo-run", type=Path, help="a `shortcutfm demo --data t2i --out DIR` folder to reuse as `full`")
     parser.add_argument("--teacher-cache", default="", help="the teacher's real-image cache (enables `pretrain`)")
+    parser.add_argument("--pretrain-base", default="", help="pipeline whose architecture `pretrain` trains (default: the teacher's)")
+    parser.add_argument("--pipeline", default="", help="the teacher pipeline (default: the bundled one)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", nargs="+", help="train only these jobs (e.g. pretrain-fm pretrain-scfm), no sweep")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.quick:
         pipeline, cache = build_quick_world(args.out / "world")
         settings = quick_settings(pipeline, cache)
     else:
-        settings = ClaimSettings(teacher_cache=args.teacher_cache, workers=args.workers)
-    payload = run_claims(args.out, settings, demo_run=args.demo_run)
-    print(report_markdown(payload))
+        settings = ClaimSettings(pipeline=args.pipeline, teacher_cache=args.teacher_cache,
+                                 pretrain_base=args.pretrain_base, workers=args.workers)
+    payload = run_claims(args.out, settings, demo_run=args.demo_run, only=args.only)
+    if payload is not None:
+        print(report_markdown(payload))
     return 0
 
 

@@ -21,6 +21,7 @@ Conventions of what is returned (and cached):
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from torch import Tensor
@@ -36,10 +37,12 @@ def pipeline_family(pipe):
 
 
 def pixel_multiple(pipe) -> int:
-    """Image height and width must be multiples of this: VAE downsampling times the transformer's latent
-    patch size (2 for FLUX, SD3 and Lumina 2 checkpoints)."""
-    patch = getattr(getattr(pipe, "transformer", None), "config", None)
-    return pipe.vae_scale_factor * int(getattr(patch, "patch_size", 2) or 2)
+    """Image height and width must be multiples of this: VAE downsampling times the latent patch, which is 2x2
+    in every supported family (Flux packs 2x2 tokens with a patch-1 transformer) or the transformer's own
+    ``patch_size`` when that is larger (the t2i proving ground's SD3 uses 4x4)."""
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    patch = int(getattr(config, "patch_size", 2) or 2)
+    return pipe.vae_scale_factor * math.lcm(2, patch)
 
 
 def pipeline_default(pipe, argument: str):
