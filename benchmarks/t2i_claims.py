@@ -108,7 +108,7 @@ def _student_job(job: dict) -> dict:
     from shortcutfm.preparation import prepare_from_folder
     from shortcutfm.t2i import world
     from shortcutfm.t2i.demo import demo_config, prepare_teacher_data
-    from shortcutfm.t2i.evaluate import load_world_pipeline, training_prompts
+    from shortcutfm.t2i.evaluate import load_world_pipeline, training_guidance_scale, training_prompts
     from shortcutfm.t2i.pipeline import T5_LENGTH
     from shortcutfm.workflows import run_training
 
@@ -118,14 +118,14 @@ def _student_job(job: dict) -> dict:
     if job["kind"] == "prompts":
         prompt_file = out / "train_prompts.txt"
         prompt_file.write_text("\n".join(training_prompts(job["count"], job["seed"])) + "\n")
-        prepare_teacher_data(pipeline, prompt_file, out / "cache", config.model.guidance_scale, progress=False)
+        prepare_teacher_data(pipeline, prompt_file, out / "cache", training_guidance_scale(config), progress=False)
     else:  # real renders of training scenes, images the teacher did not make
         folder = out / "images"
         world.write_image_folder(folder, world.random_scenes(job["count"], job["seed"] + 777, "train"), job["seed"] + 778)
         prepare_from_folder(load_world_pipeline(pipeline), folder, out / "cache", max_sequence_length=T5_LENGTH,
                             model_id=str(pipeline), show_progress=False)
     started = time.perf_counter()
-    result = run_training(config, progress=False)
+    result = run_training(config, resume=True, progress=False)  # a killed claims run continues where it stopped
     return {"name": job["name"], "model_dir": str(result.model_dir), "seconds": time.perf_counter() - started,
             "steps": result.state.step, "best_step": result.state.best_step}
 
@@ -142,11 +142,20 @@ def _pretrain_job(job: dict) -> dict:
         f"train.steps={job['steps']}", f"train.batch_size={job['batch']}", f"jumps.flow_fraction={job['flow_fraction']}",
         *job["overrides"],
     ])
+    first_step = _resumed_step(Path(job["out"]))
     started = time.perf_counter()
-    result = run_training(config, progress=False)
+    result = run_training(config, resume=True, progress=False)  # a killed claims run continues where it stopped
     seconds = time.perf_counter() - started
+    timed = max(1, result.state.step - first_step)  # the steps this process ran (the rest ran before a kill)
     return {"name": job["name"], "model_dir": str(result.model_dir), "seconds": seconds,
-            "seconds_per_step": seconds / max(1, result.state.step), "steps": result.state.step}
+            "seconds_per_step": seconds / timed, "timed_steps": timed, "steps": result.state.step}
+
+
+def _resumed_step(run_dir: Path) -> int:
+    from shortcutfm.training.checkpoint import latest_checkpoint
+
+    found = latest_checkpoint(run_dir)
+    return int(found.name.split("-")[-1]) if found is not None else 0
 
 
 @reusing_finished
@@ -169,7 +178,7 @@ def _style_job(job: dict) -> dict:
         "jumps.flow_fraction=1.0", "model.guidance_scale=0.0", "eval.every=0", f"train.steps={job['steps']}",
         "jumps.shift_range=[1.0, 3.0]", "jumps.alt_shift_prob=0.0", *job["overrides"],
     ])
-    result = run_training(config, progress=False)
+    result = run_training(config, resume=True, progress=False)  # a killed claims run continues where it stopped
     return {"name": job["name"], "model_dir": str(result.model_dir)}
 
 
@@ -303,7 +312,7 @@ def run_claims(out: Path, settings: ClaimSettings, *, demo_run: Path | None = No
     pipe = ev.load_world_pipeline(pipeline)
     judge_model, accuracy = ev.world_judge(cache_dir() / "t2i", progress=progress)
     prompts = ev.prompt_set(pipe, ev.held_out_prompts(settings.eval_prompts, preset.eval.seed), preset.eval.seed, T5_LENGTH)
-    w = preset.model.guidance_scale or 0.0
+    w = ev.training_guidance_scale(preset)
     velocities = {"teacher": (ev.guided_velocity(pipe.transformer, prompts.uncond, w), sweep_plan(False)["teacher"])}
     students = ["full", *[f"fewshot-{k}" for k in settings.fewshot], *[f"data-{k}" for k in settings.data_sizes]]
     for name in students:

@@ -88,7 +88,7 @@ def evaluate(
     try:
         if run_dir is not None:
             from .t2i.demo import evaluate_lora_run
-            from .t2i.evaluate import is_world_pipeline
+            from .t2i.evaluate import is_world_pipeline, training_guidance_scale
             from .workflows import cache_dir
 
             run_config = run_dir / "config.yaml"
@@ -99,7 +99,7 @@ def evaluate(
                 raise ValueError(f"{run_dir} trained on {cfg.model.pretrained!r}, not a t2i world pipeline: `eval RUN` "
                                  "measures LoRA runs on the proving ground (built-in models: --teacher/--student)")
             model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
-            report = evaluate_lora_run(Path(cfg.model.pretrained), model_dir, out, guidance_scale=cfg.model.guidance_scale or 0.0,
+            report = evaluate_lora_run(Path(cfg.model.pretrained), model_dir, out, guidance_scale=training_guidance_scale(cfg),
                                        shift=cfg.eval.select_shift, num_prompts=num_prompts, seed=cfg.eval.seed,
                                        lora_scale=lora_scale, cache_dir=cache_dir() / "t2i")
         else:

@@ -101,6 +101,11 @@ def test_prepare_pretrain_distill_eval_end_to_end(tiny_world, tmp_path, monkeypa
          "eval.num_samples=8", "train.checkpoint_every=0")
     state = json.loads((tmp_path / "student" / "trainer_state.json").read_text())
     assert [h["metric"] for h in state["history"]] == ["fd_teacher@3 (training prompts)"] * 2
+    _run("sample", tmp_path / "student", "--prompt", "a small red circle at the top left on a black background",
+         "--steps", "3", "--out", tmp_path / "sample.png")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "sample.png").size == (32, 32)
     monkeypatch.setenv("SHORTCUTFM_CACHE", str(tmp_path / "cache"))
     _run("eval", tmp_path / "student", "--out", tmp_path / "eval", "--num-prompts", "12")
     rows = json.loads((tmp_path / "eval" / "metrics.json").read_text())["rows"]

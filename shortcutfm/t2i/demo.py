@@ -142,7 +142,7 @@ def run_t2i_demo(out_dir: Path, overrides: list[str] | None = None, *, num_train
     prompt_file = out_dir / "train_prompts.txt"
     prompt_file.write_text("\n".join(ev.training_prompts(num_train_prompts, config.train.seed)) + "\n")
     print(f"Teacher-made data: {num_train_prompts} training prompts, 32 Euler steps each (prepare --prompts).")
-    prepare_teacher_data(pipeline_dir, prompt_file, out_dir / "cache", config.model.guidance_scale, progress)
+    prepare_teacher_data(pipeline_dir, prompt_file, out_dir / "cache", ev.training_guidance_scale(config), progress)
     prepared = time.perf_counter() - started
     print(f"SCFM LoRA: {config.train.steps} steps (batch {config.train.batch_size}), selecting on "
           f"{config.eval.select_steps}-step fd_teacher every {config.eval.every} steps.")
@@ -156,7 +156,7 @@ def run_t2i_demo(out_dir: Path, overrides: list[str] | None = None, *, num_train
              f"Student: SCFM LoRA rank {config.lora.rank}, {state.step} steps in {trained:.0f} s"
              + (f", best {state.history[0]['metric']} at step {state.best_step}." if state.best_step else ".")]
     report = evaluate_lora_run(pipeline_dir, result.model_dir, out_dir / "report",
-                               guidance_scale=config.model.guidance_scale, shift=config.eval.select_shift,
+                               guidance_scale=ev.training_guidance_scale(config), shift=config.eval.select_shift,
                                num_prompts=num_eval_prompts, seed=config.eval.seed, cache_dir=cache_dir,
                                title="SCFM demo on the t2i proving ground", notes=notes, progress=progress)
     save_config(config, out_dir / "report" / "config.yaml")

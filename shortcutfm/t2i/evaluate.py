@@ -89,6 +89,13 @@ def prompt_set(pipe, prompts: list[str], seed: int, max_sequence_length: int = T
     )
 
 
+def training_guidance_scale(config) -> float:
+    """The CFG scale a world LoRA run trained with (``model.guidance_scale``, None = the SD3 family's)."""
+    from ..models.diffusers import SD3
+
+    return SD3.guidance.scale if config.model.guidance_scale is None else float(config.model.guidance_scale)
+
+
 def guided_velocity(transformer, uncond, guidance_scale: float):
     from ..models.diffusers import SD3
 

@@ -110,7 +110,7 @@ def build_base_pipeline(vae, shape: TransformerShape = TransformerShape(), seed:
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     return StableDiffusion3Pipeline(
-        transformer=build_transformer(shape, seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        transformer=build_transformer(shape, seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae, text_encoder=_text_encoder(seed + 1), tokenizer=world_tokenizer(),
         text_encoder_2=_text_encoder(seed + 2), tokenizer_2=world_tokenizer(), text_encoder_3=None, tokenizer_3=None,
     )
