@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     for scale in args.scales:
         velocity = ev.guided_velocity(pipe.transformer, prompts.uncond, scale)
         latents, _ = ev.sample_latents(velocity, prompts, args.steps, args.shift)
-        images = decode(pipe, latents)
+        images = decode(pipe.vae, latents)
         row = {"guidance_scale": scale, "fd_data": judging.fd(judge_model, images, prompts.reference),
                "adherence": judging.adherence(judge_model, images, prompts.scenes)}
         rows.append(row)

@@ -141,7 +141,7 @@ def world_sweep(pipe, velocities: dict[str, tuple[object, tuple[tuple[str, int],
     rows: list[MetricRow] = []
     for name, sampler, steps in tqdm(jobs, desc="t2i step sweep", disable=not progress, dynamic_ncols=True):
         latents, evaluations = sample_latents(velocities[name][0], prompts, steps, shift, sampler)
-        decoded = decode(pipe, latents)
+        decoded = decode(pipe.vae, latents)
         images[(name, sampler, steps)] = decoded
         if (name, sampler, steps) not in planned:
             continue
@@ -183,7 +183,6 @@ def selection_evaluator(config, student, cache, cache_dir: Path):
 
     judge_model, _ = world_judge(cache_dir, progress=False)
     vae = AutoencoderKL.from_pretrained(config.model.pretrained, subfolder="vae").eval().requires_grad_(False)
-    holder = type("VaeHolder", (), {"vae": vae})()
     count = max(2, config.eval.num_samples)
     record = cache.get(torch.arange(count) % len(cache))
     latents_shape = record.pop("latents").shape
@@ -195,7 +194,7 @@ def selection_evaluator(config, student, cache, cache_dir: Path):
         grid = sigma_grid(steps, shift)
         latents = torch.cat([sample(velocity, noise[i:i + 256], grid, "euler",
                                     **{k: v[i:i + 256] for k, v in cond.items()}).x for i in range(0, count, 256)])
-        return decode(holder, latents)
+        return decode(vae, latents)
 
     teacher_images = images_of(student.wrap(student.target_velocities().teacher), 32)
 

@@ -155,9 +155,9 @@ def vae_reconstruction_error(vae, count: int = 512, seed: int = 7) -> float:
 
 
 @torch.no_grad()
-def decode(pipe, latents: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """(B, 4, 16, 16) latents in the cached layout -> (B, 3, 32, 32) images in [-1, 1] (clamped)."""
-    vae = pipe.vae
+def decode(vae, latents: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(B, 4, 16, 16) latents in the cached layout -> (B, 3, 32, 32) images in [-1, 1] (clamped), with the
+    pipeline's ``vae`` (the inverse of the scaling and shift that prepare applies)."""
     out = []
     for chunk in latents.split(batch_size):
         scaled = chunk.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
