@@ -52,7 +52,7 @@ class ClaimSettings:
     pretrain_base: str = ""  # the pipeline whose transformer architecture `pretrain` trains ("" = the teacher's)
     train_prompts: int = 512
     eval_prompts: int = 512
-    student_steps: int = 1500
+    student_steps: int = 1000  # the t2i preset's (the demo's)
     pretrain_steps: int = 3000
     pretrain_batch: int = 32
     pretrain_flow_fraction: float = 0.75

@@ -136,6 +136,8 @@ def run_t2i_demo(out_dir: Path, overrides: list[str] | None = None, *, num_train
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if sweep_threads:  # unlike the small built-in networks, this transformer trains faster on every core
+        torch.set_num_threads(sweep_threads)
     if not ev.is_world_pipeline(pipeline_dir):
         raise FileNotFoundError(f"{pipeline_dir} is not a t2i world pipeline (no {ev.MARKER}); see docs/proving_ground.md")
     config = demo_config(out_dir, pipeline_dir, list(overrides or []))
@@ -148,8 +150,6 @@ def run_t2i_demo(out_dir: Path, overrides: list[str] | None = None, *, num_train
           f"{config.eval.select_steps}-step fd_teacher every {config.eval.every} steps.")
     result = run_training(config, progress=progress)
     trained = time.perf_counter() - started - prepared
-    if sweep_threads:
-        torch.set_num_threads(sweep_threads)
     state = result.state
     notes = [f"Teacher: the bundled world pipeline `{pipeline_dir.name}`; training data: {num_train_prompts} "
              f"32-step teacher samples of training prompts ({prepared:.0f} s).",
