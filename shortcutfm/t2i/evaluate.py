@@ -146,7 +146,7 @@ def world_sweep(pipe, velocities: dict[str, tuple[object, tuple[tuple[str, int],
         if (name, sampler, steps) not in planned:
             continue
         values = {"fd_data": judging.fd(judge_model, decoded, prompts.reference)}
-        if reference_job:
+        if reference_job and (name, sampler, steps) != reference_job:  # the reference against itself is 0
             values["fd_teacher"] = judging.fd(judge_model, decoded, images[reference_job])
         values["adherence"] = judging.adherence(judge_model, decoded, prompts.scenes)
         nfe = evaluations * passes_per_evaluation
