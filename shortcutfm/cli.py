@@ -98,7 +98,8 @@ def evaluate(
             if not is_world_pipeline(cfg.model.pretrained):
                 raise ValueError(f"{run_dir} trained on {cfg.model.pretrained!r}, not a t2i world pipeline: `eval RUN` "
                                  "measures LoRA runs on the proving ground (built-in models: --teacher/--student)")
-            model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
+            # the deployed model; a run stopped before its end has only best/ (the best checkpoint so far)
+            model_dir = next((d for d in (run_dir / "model", run_dir / "best") if d.is_dir()), run_dir)
             report = evaluate_lora_run(Path(cfg.model.pretrained), model_dir, out, guidance_scale=training_guidance_scale(cfg),
                                        shift=cfg.eval.select_shift, num_prompts=num_prompts, seed=cfg.eval.seed,
                                        lora_scale=lora_scale, cache_dir=cache_dir() / "t2i")
