@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", nargs="+", help="train only these jobs (e.g. pretrain-fm pretrain-scfm), no sweep")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    # trainings run one thread per worker process (set in each job); the sweep here uses every core
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     if args.quick:
         pipeline, cache = build_quick_world(args.out / "world")
         settings = quick_settings(pipeline, cache)
