@@ -2,7 +2,7 @@
 
 The transformer has FLUX.1-dev's shape and random weights (no checkpoint, no network). Every configuration
 (a train implementation, a sampling resolution) runs in its own subprocess, so a CUDA crash in one (see
-docs/DEVICE.md) is recorded in the JSON and the others still run. See benchmarks/README.md.
+docs/gpu_notes.md) is recorded in the JSON and the others still run. See benchmarks/README.md.
 
     python benchmarks/bench_scfm_step.py --out bench.json --attention efficient             # GPU, full size
     python benchmarks/bench_scfm_step.py --out bench.json --num-layers 2 --num-single-layers 4

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU benchmark of the SCFM step and of few-step sampling on a FLUX.1-dev-shaped transformer (random
 # weights). Run from the repository root on the device machine, with the diffusers wheels carried in .whl/
-# (docs/DEVICE.md); writes to $OUT: env.txt, run.log and one JSON per stage (at most 7 files). Each stage is
+# (docs/gpu_notes.md); writes to $OUT: env.txt, run.log and one JSON per stage (at most 7 files). Each stage is
 # skipped when too little of the budget (BENCH_BUDGET_S, default 480 s) is left; each configuration runs in its
 # own subprocess, so a CUDA crash is recorded in the JSON and the next configuration still runs.
 #
@@ -19,7 +19,7 @@ exec > >(tee -a "$OUT/run.log") 2>&1
 
 if ! python3 -c "import diffusers" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl \
-    || { echo "[run_on_device] no diffusers: carry the wheels in .whl (docs/DEVICE.md)"; exit 1; }
+    || { echo "[run_on_device] no diffusers: carry the wheels in .whl (docs/gpu_notes.md)"; exit 1; }
   export PYTHONPATH=$PWD/.site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1

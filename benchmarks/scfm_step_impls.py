@@ -72,7 +72,7 @@ def build_transformer(settings: BenchSettings) -> torch.nn.Module:
 def init_lora_(live: dict, fast: dict, slow: dict, seed: int, mode: str) -> None:
     """Write the same starting LoRA weights into any implementation's tensors (keys without adapter name).
 
-    standard: A ~ U(+-1/sqrt(fan_in)) (peft's default scale), B = 0, both EMAs = student (METHOD.md).
+    standard: A ~ U(+-1/sqrt(fan_in)) (peft's default scale), B = 0, both EMAs = student (docs/method.md).
     perturbed: B ~ N(0, 0.05^2) and each EMA = student + its own N(0, 0.02^2) noise, so teacher, student and
     both EMAs all differ (a test that an implementation used the right weights in every pass).
     """

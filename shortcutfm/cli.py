@@ -25,7 +25,7 @@ def _fail(exc: Exception) -> None:
 
 def _threads(inference: bool = False) -> int | None:
     """Unless OMP_NUM_THREADS says otherwise: one torch thread for training (fastest for the small built-in
-    networks, see CALIBRATION.md), every core for large-batch sampling. Returns the sampling thread count."""
+    networks, see README.md), every core for large-batch sampling. Returns the sampling thread count."""
     if "OMP_NUM_THREADS" in os.environ:
         return None
     import torch

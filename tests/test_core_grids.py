@@ -1,4 +1,4 @@
-"""Sigma grids and time shifts against their closed forms (METHOD.md, "Conventions")."""
+"""Sigma grids and time shifts against their closed forms (docs/method.md, "Conventions")."""
 
 import math
 

@@ -22,7 +22,7 @@ def _assert_binomial(count, n, p, z=5.0):
 
 
 def _expected_sigmas(num_steps, start, shift, t_skip):
-    """Grid points start..start+t_skip of each row, written out from METHOD.md's formula (float64)."""
+    """Grid points start..start+t_skip of each row, written out from docs/method.md's formula (float64)."""
     index = start.double().unsqueeze(1) + torch.arange(t_skip + 1, dtype=torch.float64)
     t = 1 - index / num_steps.double().unsqueeze(1)
     s = shift.unsqueeze(1)

@@ -1,4 +1,4 @@
-"""SCFM targets and loss against closed forms (METHOD.md, "The target")."""
+"""SCFM targets and loss against closed forms (docs/method.md, "The target")."""
 
 import pytest
 import torch

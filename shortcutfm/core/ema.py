@@ -58,7 +58,7 @@ class EMA:
 
 @dataclass
 class EMASchedule:
-    """Which EMAs a student keeps. Defaults follow the authors' dual-EMA scripts (METHOD.md)."""
+    """Which EMAs a student keeps. Defaults follow the authors' dual-EMA scripts (docs/method.md)."""
 
     mode: str = "dual"
     """"dual": fast and slow EMAs; "single": one EMA (``slow_decay``) that serves as both."""

@@ -1,6 +1,6 @@
 """Which jump each training sample learns: grid, start point, shift and teacher/self/flow mode.
 
-See METHOD.md ("The target"): a sample is *teacher-taught* (probability ``teacher_prob``, grid of
+See docs/method.md ("The target"): a sample is *teacher-taught* (probability ``teacher_prob``, grid of
 ``teacher_grid`` steps, first sub-steps by the frozen teacher) or *self-taught* (grid drawn from ``self_grids``,
 first sub-steps by the fast EMA). A jump spans ``t_skip`` grid cells from an even start index. An optional
 ``flow_fraction`` of the batch gets the plain flow-matching target instead (mode ``FLOW``).
@@ -20,7 +20,7 @@ MODE_NAMES = {FLOW: "flow", TEACHER: "teacher", SELF: "self"}
 
 @dataclass
 class JumpSampling:
-    """How jumps are drawn for a batch. Defaults follow METHOD.md (the authors' dual-EMA recipe)."""
+    """How jumps are drawn for a batch. Defaults follow docs/method.md (the authors' dual-EMA recipe)."""
 
     teacher_prob: float = 0.4
     """Probability that a shortcut sample is teacher-taught (first sub-steps by the frozen teacher)."""

@@ -1,4 +1,4 @@
-"""The SCFM regression target and loss (METHOD.md, "The target").
+"""The SCFM regression target and loss (docs/method.md, "The target").
 
 For a shortcut row with jump points ``s_0 > s_1 > ... > s_T`` (``T = t_skip``), starting from
 ``x_0 = (1 - s_0) x0 + s_0 noise``, the first ``T/2`` Euler sub-steps are taken with ``F`` (teacher or fast EMA)

@@ -1,6 +1,6 @@
 """A small image classifier whose penultimate features give a Frechet distance for labelled image data.
 
-No pretrained Inception weights are available offline (see docs/ECOSYSTEM.md), so FID-style scores use a small
+No wheel ships pretrained Inception weights, so offline FID-style scores use a small
 network trained on the training split itself: an MLP for tiny images (up to 256 values, e.g. the 8x8 digits),
 a convnet for larger ones. It works on model-space images ``(B, C, H, W)`` in [-1, 1] (what the samplers
 return), for any number of channels and sizes from 8x8 to about 32x32.

@@ -31,7 +31,7 @@ class Student(Protocol):
 
     * ``module``: the trainable ``nn.Module`` (velocity contract) that ``accelerate.prepare`` wraps;
     * ``wrap``: applied to every velocity used in training and sampling (e.g. classifier-free guidance), so
-      student and targets use the same guided velocity (METHOD.md, "Guidance");
+      student and targets use the same guided velocity (docs/method.md, "Guidance");
     * ``emas``: the student's EMAs, updated by the trainer after each optimiser step;
     * ``trainable_tensors()``: the live trainable tensors by name (what the EMAs average);
     * ``target_velocities()``: unguided teacher / fast-EMA / slow-EMA callables (the trainer wraps them);

@@ -3,7 +3,7 @@
 Two sources, one cache format (:mod:`.cache`):
 
 * :func:`prepare_from_prompts`: the teacher pipeline samples each prompt (``output_type="latent"``, so nothing
-  is decoded and re-encoded), as the SCFM authors do (METHOD.md, "Data");
+  is decoded and re-encoded), as the SCFM authors do (docs/method.md, "Data");
 * :func:`prepare_from_folder`: a user's images with captions, VAE-encoded at a fixed resolution.
 
 Both skip records whose content key is already cached and write the good records even when some inputs fail.

@@ -1,4 +1,4 @@
-"""How a family is guided (METHOD.md, "Guidance"), as cond transforms and velocity wrappers.
+"""How a family is guided (docs/method.md, "Guidance"), as cond transforms and velocity wrappers.
 
 * :class:`EmbeddedGuidance`: guidance-distilled models (FLUX.1-dev) take the guidance value as an input. It is a
   per-sample cond tensor ``guidance`` (B,): uniform in ``train_range`` while training (the same value for the

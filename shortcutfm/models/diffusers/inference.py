@@ -1,4 +1,4 @@
-"""Few-step sampling with a standard diffusers pipeline and an SCFM LoRA (METHOD.md, "Inference").
+"""Few-step sampling with a standard diffusers pipeline and an SCFM LoRA (docs/method.md, "Inference").
 
 The pipeline runs plain Euler on our shifted N-step grid: the grid is passed as ``sigmas=`` to a
 ``FlowMatchEulerDiscreteScheduler`` with ``shift=1`` and no dynamic shifting (otherwise the scheduler would

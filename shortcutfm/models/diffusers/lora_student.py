@@ -34,7 +34,7 @@ STUDENT, FAST_EMA, SLOW_EMA = "student", "ema_fast", "ema_slow"
 
 @dataclass
 class LoraSettings:
-    """The LoRA of the student (and of its EMAs). Defaults follow METHOD.md (rank 64, alpha 64)."""
+    """The LoRA of the student (and of its EMAs). Defaults follow docs/method.md (rank 64, alpha 64)."""
 
     rank: int = 64
     """LoRA rank r."""

@@ -110,7 +110,7 @@ class ModelFamily:
     cond_keys: tuple[str, ...]
     """Cached-data keys the adapter needs (besides ``guidance`` added by :meth:`training_cond`)."""
     lora_target_modules: tuple[str, ...]
-    """Default LoRA targets, as peft module-name suffixes (nearly every linear layer; METHOD.md)."""
+    """Default LoRA targets, as peft module-name suffixes (nearly every linear layer; docs/method.md)."""
     guidance: EmbeddedGuidance | RealGuidance
     encode_prompts: Callable[..., PromptEncoding]
     """``encode_prompts(pipe, prompts, max_sequence_length) -> PromptEncoding`` via the pipeline's encoders."""
