@@ -30,7 +30,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -163,7 +163,6 @@ def _style_job(job: dict) -> dict:
     """An ordinary LoRA: plain flow matching (flow_fraction 1, unguided) on renders with a purple background."""
     torch.set_num_threads(1)
     from shortcutfm.preparation import prepare_from_folder
-    from shortcutfm.t2i import world
     from shortcutfm.t2i.demo import demo_config
     from shortcutfm.t2i.evaluate import load_world_pipeline
     from shortcutfm.t2i.pipeline import T5_LENGTH

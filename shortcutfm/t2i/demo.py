@@ -16,7 +16,7 @@ import torch
 
 from ..config import Config, load_config, save_config
 from ..evaluation.report import markdown_table, plot_metric_vs_steps, write_metrics
-from ..evaluation.sweep import MetricRow, find
+from ..evaluation.sweep import MetricRow
 from . import evaluate as ev
 from .pipeline import T5_LENGTH
 
@@ -165,18 +165,3 @@ def run_t2i_demo(out_dir: Path, overrides: list[str] | None = None, *, num_train
         handle.write(f"Demo wall time: {total:.0f} s.\n")
     return report
 
-
-def headline(rows: list[MetricRow]) -> dict[str, float]:
-    """The acceptance figures of the demo (ratios against the teacher)."""
-    get = lambda **m: find(rows, **m)  # noqa: E731
-    return {
-        "teacher32_adherence": get(model="teacher", sampler="euler", steps=32, metric="adherence"),
-        "teacher32_fd_data_over_floor": get(model="teacher", sampler="euler", steps=32, metric="fd_data")
-        / get(model="data", metric="fd_data"),
-        "student3_fd_teacher_over_teacher3": get(model="student", sampler="euler", steps=3, metric="fd_teacher")
-        / get(model="teacher", sampler="euler", steps=3, metric="fd_teacher"),
-        "student3_fd_teacher_over_heun3": get(model="student", sampler="euler", steps=3, metric="fd_teacher")
-        / get(model="teacher", sampler="heun", steps=3, metric="fd_teacher"),
-        "student3_adherence_over_teacher32": get(model="student", sampler="euler", steps=3, metric="adherence")
-        / get(model="teacher", sampler="euler", steps=32, metric="adherence"),
-    }

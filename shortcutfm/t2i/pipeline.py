@@ -21,7 +21,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -163,11 +162,6 @@ def decode(vae, latents: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         scaled = chunk.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         out.append(vae.decode(scaled).sample.float().clamp(-1, 1))
     return torch.cat(out)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) images in [-1, 1] -> (B, H, W, 3) uint8."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_pipeline(pipe, directory: str | Path) -> Path:
