@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from .atomic import write_text_atomic
 from .core.ema import EMASchedule
 from .core.jumps import JumpSampling
 
@@ -140,6 +141,9 @@ class TrainConfig:
     """Accelerate mixed precision: no, bf16 or fp16."""
     tracker: str = ""
     """Optional Accelerate tracker: tensorboard or wandb (empty = none)."""
+    on_nonfinite: str = "stop"
+    """A NaN or infinite loss or gradient: stop (one-line error, nothing written) or skip (redraw the step's batch,
+    at most 32 times in a row; the weights and EMAs never see the bad values)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("pretrain", "distill"):
@@ -148,6 +152,8 @@ class TrainConfig:
             raise ConfigError("train.steps and train.batch_size must be >= 1")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f'train.on_nonfinite must be "stop" or "skip", got {self.on_nonfinite!r}')
         if self.tracker not in ("", "tensorboard", "wandb"):
             raise ConfigError(f'train.tracker must be "", "tensorboard" or "wandb", got {self.tracker!r}')
 
@@ -331,4 +337,4 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False), what="config")

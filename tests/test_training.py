@@ -119,7 +119,7 @@ def test_incomplete_checkpoint_is_reported_and_temp_dirs_ignored(tmp_path):
     (run / "checkpoints" / ".step-00000030.abc").mkdir(parents=True)  # a write killed before its rename
     (run / "checkpoints" / "step-00000020").mkdir()
     assert checkpoint_module.latest_checkpoint(run).name == "step-00000020"
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+    with pytest.raises(checkpoint_module.CheckpointError, match="incomplete"):
         checkpoint_module.load_checkpoint(run / "checkpoints" / "step-00000020")
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import atomic_path
 from ..data import ArrayDataset
 from .metrics import frechet_distance
 
@@ -162,14 +161,8 @@ def classifier_accuracy(classifier: FeatureClassifier, x: torch.Tensor, labels: 
 
 
 def _write_atomically(path: Path, write) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    with atomic_path(path, what="classifier cache") as temporary:
+        write(str(temporary))
 
 
 def _load_cached(weights: Path, sidecar: Path, key: str, train: ArrayDataset, config: ClassifierConfig):

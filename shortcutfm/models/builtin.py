@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import atomic_path
 from ..config import ModelConfig, from_dict
 from .convnet import VelocityConvNet
 from .mlp import VelocityMLP
@@ -55,15 +54,9 @@ def build_model(config: ModelConfig, sample_shape: tuple[int, ...], num_classes:
 
 def save_model(directory: Path, state: dict[str, torch.Tensor], info: ModelInfo) -> None:
     """Write ``model.safetensors`` and ``model.json`` into ``directory`` atomically (temp dir, then rename)."""
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".writing")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu().float() for k, v in state.items()}, str(tmp / MODEL_WEIGHTS))
-    (tmp / MODEL_INFO).write_text(json.dumps(asdict(info), indent=2))
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    with atomic_path(directory, directory=True, what="model") as tmp:
+        save_file({k: v.detach().contiguous().cpu().float() for k, v in state.items()}, str(tmp / MODEL_WEIGHTS))
+        (tmp / MODEL_INFO).write_text(json.dumps(asdict(info), indent=2))
 
 
 @dataclass

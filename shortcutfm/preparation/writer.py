@@ -1,10 +1,11 @@
 """Appending records to a cache directory without ever losing what is already there.
 
-Every shard and the manifest are written to ``<name>.tmp`` and then ``os.replace``d, so an interrupted run
-leaves only whole files. On opening, the writer trusts the shard files themselves (each records its layout and
-its records' keys): a shard written just before a crash but missing from the manifest is adopted, an
-unreadable one is renamed to ``<name>.corrupt`` (its records are encoded again), and a cache prepared with a
-different layout is refused. One writer per directory at a time (no locking).
+Every shard and the manifest are written to a temporary file and then renamed (:mod:`shortcutfm.atomic`), so
+an interrupted run or a failed write leaves only whole files. On opening, the writer trusts the shard files
+themselves (each records its layout and its records' keys): a shard written just before a crash but missing
+from the manifest is adopted, an unreadable one is renamed to ``<name>.corrupt`` (its records are encoded
+again), and a cache prepared with a different layout is refused. One writer per directory at a time: the
+writer holds the folder's lock (:mod:`shortcutfm.folder_lock`) from opening to ``close``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import logging
 import os
 import re
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..atomic import atomic_path, write_bytes_atomic
+from ..folder_lock import folder_lock
 from .cache import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -43,16 +47,9 @@ LATENT_ENCODING = (  # recorded in the manifest
 )
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
 def _atomic_save(tensors: Mapping[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(temporary), metadata=metadata)
-    os.replace(temporary, path)
+    with atomic_path(path, what="cache file") as temporary:
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(temporary), metadata=metadata)
 
 
 class CacheWriter:
@@ -71,7 +68,15 @@ class CacheWriter:
         self.cache_dir = Path(cache_dir)
         self.layout = layout
         self.records_per_shard = records_per_shard
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = ExitStack()
+        self._lock.enter_context(folder_lock(self.cache_dir, what="data cache", instead="another out_dir"))
+        try:
+            self._open(run_settings)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _open(self, run_settings: Mapping[str, Any]) -> None:
         for leftover in self.cache_dir.glob("*.tmp"):  # from an interrupted run: never a complete file
             leftover.unlink()
         self.runs: list[dict[str, Any]] = self._previous_runs()
@@ -198,15 +203,18 @@ class CacheWriter:
             "shards": self.shards,
             "runs": self.runs,
         }
-        _atomic_write_bytes(self.cache_dir / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
+        write_bytes_atomic(self.cache_dir / MANIFEST_NAME, json.dumps(manifest, indent=2).encode(), what="cache manifest")
 
     @property
     def num_records(self) -> int:
         return len(self.cached_keys) + len(self._pending_records)
 
     def close(self) -> None:
-        self.flush()
-        self.write_manifest()
+        try:
+            self.flush()
+            self.write_manifest()
+        finally:
+            self._lock.close()
 
     def __enter__(self) -> "CacheWriter":
         return self

@@ -1,22 +1,30 @@
 """Atomic, pickle-free checkpoints: safetensors for every tensor, JSON/YAML for the rest.
 
 A checkpoint is a directory ``step-00001000/`` holding ``student.safetensors`` (trainable weights),
-``ema.safetensors``, ``optimizer.safetensors`` + ``optimizer.json`` and ``trainer_state.json``. It is written
-into a temporary sibling directory and renamed into place, so a killed run never leaves a half-written
-checkpoint under a real name.
+``ema.safetensors``, ``optimizer.safetensors`` + ``optimizer.json``, ``trainer_state.json`` and, for fp16 runs,
+``scaler.json`` (the loss scaler). It is written into a temporary sibling directory and renamed into place
+(:mod:`shortcutfm.atomic`), so a killed run or a failed write never leaves a half-written checkpoint under a
+real name, and the previous checkpoints stay usable.
+
+Optimizer state is stored as safetensors plus JSON rather than with ``torch.save`` (which pickles): loading
+a checkpoint must never run code from the file.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ..atomic import atomic_path, write_json_atomic
+
+__all__ = ["TrainerState", "CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+           "list_checkpoints", "prune_checkpoints", "step_name", "write_json_atomic", "LoadedCheckpoint"]
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -27,12 +35,11 @@ class TrainerState:
     best_metric: float | None = None
     best_step: int | None = None
     history: list[dict] = field(default_factory=list)  # evaluation rows: {"step", "metric", "value"}
+    skipped: int = 0  # attempts that changed nothing: fp16 overflows, or non-finite steps redrawn (on_nonfinite=skip)
 
 
-def write_json_atomic(path: Path, payload) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed from (incomplete, corrupt, or of another model); the message says why."""
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -68,29 +75,24 @@ def save_checkpoint(
     ema: dict[str, torch.Tensor],
     optimizer: dict,
     trainer_state: TrainerState,
+    scaler: dict | None = None,
     extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write checkpoint ``run_dir/checkpoints/name`` atomically and return its path."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    save_tensors(student, tmp / "student.safetensors")
-    save_tensors(ema, tmp / "ema.safetensors")
-    opt_tensors, opt_meta = flatten_optimizer(optimizer)
-    save_tensors(opt_tensors, tmp / "optimizer.safetensors")
-    (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-    (tmp / "trainer_state.json").write_text(json.dumps(asdict(trainer_state), indent=2))
-    for filename, text in (extra_files or {}).items():
-        (tmp / filename).write_text(text)
-    final = root / name
-    if final.exists():
-        old = root / f".{name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    """Write checkpoint ``run_dir/checkpoints/name`` atomically and return its path.
+
+    Raises :class:`~shortcutfm.atomic.WriteError` (nothing written under ``name``) if a write fails."""
+    final = Path(run_dir) / "checkpoints" / name
+    with atomic_path(final, directory=True, what="checkpoint") as tmp:
+        save_tensors(student, tmp / "student.safetensors")
+        save_tensors(ema, tmp / "ema.safetensors")
+        opt_tensors, opt_meta = flatten_optimizer(optimizer)
+        save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(trainer_state), indent=2))
+        if scaler is not None:
+            (tmp / "scaler.json").write_text(json.dumps(scaler))
+        for filename, text in (extra_files or {}).items():
+            (tmp / filename).write_text(text)
     return final
 
 
@@ -101,21 +103,48 @@ class LoadedCheckpoint:
     ema: dict[str, torch.Tensor]
     optimizer: dict
     trainer_state: TrainerState
+    scaler: dict | None = None  # the fp16 loss scaler's state_dict, if the run had one
+
+
+_EARLIER = "delete that checkpoint folder to resume from an earlier one"
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:  # truncated or garbled file
+        raise CheckpointError(f"checkpoint file {path} is corrupt ({error}); {_EARLIER}") from None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"checkpoint file {path} is corrupt ({error}); {_EARLIER}") from None
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:
+    """Read a checkpoint; :class:`CheckpointError` (one line naming the file) if it is incomplete or corrupt."""
     path = Path(path)
     required = ["student.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json"]
     missing = [f for f in required if not (path / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); delete it to resume from an earlier one")
-    meta = json.loads((path / "optimizer.json").read_text())
+        raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); {_EARLIER}")
+    meta = _read_json(path / "optimizer.json")
+    try:
+        optimizer = unflatten_optimizer(_read_tensors(path / "optimizer.safetensors"), meta)
+        trainer_state = TrainerState(**_read_json(path / "trainer_state.json"))
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint {path} has malformed optimizer or trainer state ({error}); {_EARLIER}") from None
     return LoadedCheckpoint(
         path=path,
-        student=load_file(str(path / "student.safetensors")),
-        ema=load_file(str(path / "ema.safetensors")),
-        optimizer=unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta),
-        trainer_state=TrainerState(**json.loads((path / "trainer_state.json").read_text())),
+        student=_read_tensors(path / "student.safetensors"),
+        ema=_read_tensors(path / "ema.safetensors"),
+        optimizer=optimizer,
+        trainer_state=trainer_state,
+        scaler=_read_json(path / "scaler.json") if (path / "scaler.json").is_file() else None,
     )
 
 

@@ -3,14 +3,25 @@
 Every random draw of step ``k`` (batch indices, noise, jumps, label dropout) comes from a generator seeded by
 ``(seed, k, rank)``, so a resumed run reproduces the uninterrupted one exactly on the CPU, and ranks draw
 different batches while their weights stay in sync through DDP.
+
+Faults are handled so that nothing is lost (docs/reliability.md):
+
+* the output folder is locked while the run writes it (:mod:`shortcutfm.folder_lock`);
+* a non-finite loss or gradient norm stops the run before the optimizer or the EMAs see it, with a one-line
+  :class:`NonFiniteError` naming the step and the last good checkpoint (``train.on_nonfinite=skip``: the step
+  is redrawn instead, up to ``MAX_RETRIES`` times in a row);
+* with fp16, a step the loss scaler skips for overflow updates neither the EMAs nor the step count (the step
+  is redone at the lower scale), and the scaler's state is checkpointed;
+* checkpoints and exports are written atomically; a failed write stops the run with a one-line
+  :class:`~shortcutfm.atomic.WriteError` and leaves the previous checkpoint usable.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,24 +29,37 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from ..atomic import WriteError, atomic_path, copy_dir_atomic, write_json_atomic
 from ..config import Config, save_config
 from ..core.jumps import sample_jumps
 from ..core.targets import TargetVelocities, scfm_loss, scfm_targets
+from ..folder_lock import FolderLocked, folder_lock
 from .checkpoint import (
+    CheckpointError,
     TrainerState,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
     step_name,
-    write_json_atomic,
 )
 from .setup import TrainingSetup
 
+__all__ = ["train", "TrainResult", "NonFiniteError", "learning_rate", "step_generator", "MAX_RETRIES"]
 
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """The generator of all random draws of one step on one process."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+MAX_RETRIES = 32
+"""Consecutive redone attempts of one step (fp16 overflow, or non-finite values with on_nonfinite=skip) before
+the run stops: 32 halvings take fp16's loss scale from 65536 far below 1."""
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients became NaN or infinite; the message names the step and the last checkpoint."""
+
+
+def step_generator(seed: int, step: int, rank: int, attempt: int = 0) -> torch.Generator:
+    """The generator of all random draws of one step on one process (``attempt`` > 0: a redone step)."""
+    base = (seed * 1_000_003 + step) * 1_009 + rank
+    return torch.Generator().manual_seed(base + attempt * 2**40 if attempt else base)
 
 
 def learning_rate(config: Config, step: int) -> float:
@@ -67,9 +91,7 @@ def _target_velocities(setup: TrainingSetup) -> TargetVelocities:
     )
 
 
-def train(config: Config, setup: TrainingSetup, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Run ``config.train.steps`` optimiser steps of the SCFM objective (plain flow matching for FLOW rows)."""
-    run_dir = Path(config.train.output_dir)
+def _build_accelerator(config: Config, run_dir: Path) -> Accelerator:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision,
@@ -79,15 +101,85 @@ def train(config: Config, setup: TrainingSetup, *, resume: bool = False, progres
         # launch --multi_gpu) only when told cpu=True; without it every process would train alone as "main"
         cpu=launched > 1 and not torch.accelerator.is_available(),
     )
+    if launched > 1 and accelerator.num_processes != launched:
+        raise RuntimeError(f"{launched} processes were launched but Accelerate runs {accelerator.num_processes}: "
+                           "they would not train together; check the launcher and the device set-up")
+    if config.train.batch_size % accelerator.num_processes:
+        raise ValueError(f"train.batch_size ({config.train.batch_size}) must be divisible by the "
+                         f"{accelerator.num_processes} processes")
+    return accelerator
+
+
+def _all_ranks(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether ``flag`` holds on every process (one tiny all-reduce when there are several)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([0.0 if flag else 1.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() == 0)
+
+
+def _lock_run_dir(accelerator: Accelerator, stack: ExitStack, run_dir: Path) -> None:
+    """The main process locks the output folder for the whole run; every rank stops if it is held elsewhere."""
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            stack.enter_context(folder_lock(run_dir, what="training run", instead="another train.output_dir"))
+        except FolderLocked as error:
+            refusal = error
+    if not _all_ranks(accelerator, refusal is None):
+        raise refusal or FolderLocked(f"{run_dir} is in use by another process (see the main process's message)")
+
+
+def _resume(accelerator, run_dir: Path, student, optimizer) -> TrainerState:
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        accelerator.print(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+        return TrainerState()
+    loaded = load_checkpoint(found)
+    try:
+        student.load_state_dict(loaded.student)
+        student.emas.load_state_dict(loaded.ema)
+        optimizer.load_state_dict(loaded.optimizer)
+    except (RuntimeError, KeyError, ValueError) as error:  # other shapes or names: the config changed
+        first_line = str(error).strip().splitlines()
+        detail = next((line.strip() for line in first_line[1:] if line.strip()), first_line[0] if first_line else "")
+        raise CheckpointError(
+            f"checkpoint {found} does not fit this config's model ({detail}); resume with the config the run "
+            f"was started with ({run_dir / 'config.yaml'}), or start a new train.output_dir"
+        ) from None
+    if loaded.scaler is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(loaded.scaler)
+    accelerator.print(f"resumed from {found} (step {loaded.trainer_state.step})")
+    return loaded.trainer_state
+
+
+def _last_good(run_dir: Path) -> str:
+    found = latest_checkpoint(run_dir)
+    return f"the last good checkpoint is {found}" if found else "no checkpoint was written yet"
+
+
+def _nonfinite_message(step: int, loss: float, norm: float | None, run_dir: Path, retries: int) -> str:
+    what = f"loss {loss:.4g}" + ("" if norm is None else f", gradient norm {float(norm):.4g}")
+    tried = f" after {retries} redrawn attempts" if retries else ""
+    return (f"step {step}: non-finite values ({what}){tried}; the run stopped before updating the weights and "
+            f"wrote nothing; {_last_good(run_dir)}. Lower optim.lr or check the data, then run again with --resume "
+            "(or set train.on_nonfinite=skip)")
+
+
+def train(config: Config, setup: TrainingSetup, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Run ``config.train.steps`` optimiser steps of the SCFM objective (plain flow matching for FLOW rows)."""
+    run_dir = Path(config.train.output_dir)
+    accelerator = _build_accelerator(config, run_dir)
+    with ExitStack() as stack:
+        _lock_run_dir(accelerator, stack, run_dir)
+        return _train_locked(config, setup, accelerator, run_dir, resume=resume, progress=progress)
+
+
+def _train_locked(config: Config, setup: TrainingSetup, accelerator: Accelerator, run_dir: Path, *, resume: bool,
+                  progress: bool) -> TrainResult:
     world, rank = accelerator.num_processes, accelerator.process_index
-    if launched > 1 and world != launched:
-        raise RuntimeError(f"{launched} processes were launched but Accelerate runs {world}: they would not "
-                           "train together; check the launcher and the device set-up")
-    if config.train.batch_size % world:
-        raise ValueError(f"train.batch_size ({config.train.batch_size}) must be divisible by the {world} processes")
     local_batch = config.train.batch_size // world
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
     if config.train.tracker:
         accelerator.init_trackers("shortcutfm")
@@ -97,29 +189,24 @@ def train(config: Config, setup: TrainingSetup, *, resume: bool = False, progres
     optimizer = torch.optim.AdamW(
         params, lr=config.optim.lr, betas=config.optim.betas, weight_decay=config.optim.weight_decay
     )
-    state = TrainerState()
-    if resume:
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            accelerator.print(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
-        else:
-            loaded = load_checkpoint(found)
-            student.load_state_dict(loaded.student)
-            student.emas.load_state_dict(loaded.ema)
-            optimizer.load_state_dict(loaded.optimizer)
-            state = loaded.trainer_state
-            accelerator.print(f"resumed from {found} (step {state.step})")
+    state = _resume(accelerator, run_dir, student, optimizer) if resume else TrainerState()
     module, optimizer = accelerator.prepare(student.module, optimizer)
     student_velocity = student.wrap(module)
     targets_from = _target_velocities(setup)
+    scaler = accelerator.scaler  # fp16 on a GPU: the loss scaler Accelerate made (None otherwise)
+    max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
 
     bar = tqdm(
         total=config.train.steps, initial=state.step, disable=not (progress and accelerator.is_main_process),
         desc=f"{config.train.mode}", dynamic_ncols=True,
     )
     started, logged_loss = time.perf_counter(), []
-    for step in range(state.step + 1, config.train.steps + 1):
-        generator = step_generator(config.train.seed, step, rank)
+    step, attempt = state.step + 1, 0
+    last_loss, last_norm = math.nan, None  # of the latest attempt, for the message if a step keeps failing
+    while step <= config.train.steps:
+        if attempt > MAX_RETRIES:
+            raise NonFiniteError(_nonfinite_message(step, last_loss, last_norm, run_dir, MAX_RETRIES))
+        generator = step_generator(config.train.seed, step, rank, attempt)
         indices = torch.randint(len(setup.data), (local_batch,), generator=generator)
         x0, cond = setup.data.get(indices)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
@@ -137,15 +224,34 @@ def train(config: Config, setup: TrainingSetup, *, resume: bool = False, progres
         with accelerator.autocast():
             prediction = student_velocity(batch.x, batch.sigma, **cond)
         result = scfm_loss(prediction, batch)
+        last_loss, last_norm = result.loss.item(), None
+        if not _all_ranks(accelerator, math.isfinite(last_loss)):
+            optimizer.zero_grad(set_to_none=True)
+            if config.train.on_nonfinite == "stop":
+                raise NonFiniteError(_nonfinite_message(step, last_loss, None, run_dir, attempt))
+            attempt += 1
+            state.skipped += 1
+            continue
         accelerator.backward(result.loss)
-        if config.optim.grad_clip > 0:
-            accelerator.clip_grad_norm_(params, config.optim.grad_clip)
+        # clip_grad_norm_ also unscales fp16 gradients; max_norm=inf when clipping is off (the norm is still read)
+        last_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(last_norm) and scaler is None:  # gradients are all-reduced: every rank agrees
+            optimizer.zero_grad(set_to_none=True)
+            if config.train.on_nonfinite == "stop":
+                raise NonFiniteError(_nonfinite_message(step, last_loss, last_norm, run_dir, attempt))
+            attempt += 1
+            state.skipped += 1
+            continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler lowered its scale; redo the step
+            attempt += 1
+            state.skipped += 1
+            continue
         student.emas.update(step, student.trainable_tensors())
-        state.step = step
+        state.step, attempt = step, 0
 
-        logged_loss.append(result.loss.item())
+        logged_loss.append(last_loss)
         if step % config.train.log_every == 0 or step == config.train.steps:
             mean_loss = sum(logged_loss) / len(logged_loss)
             logged_loss.clear()
@@ -157,15 +263,16 @@ def train(config: Config, setup: TrainingSetup, *, resume: bool = False, progres
             _evaluate_and_keep_best(accelerator, setup, state, run_dir, bar)
         if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) or step == config.train.steps:
             _checkpoint(accelerator, config, setup, optimizer, state, run_dir)
+        step += 1
     bar.close()
 
     model_dir = run_dir / "model"
     if accelerator.is_main_process:
         final_source = "ema" if config.train.mode == "pretrain" else "student"
-        setup.export(run_dir / "final", final_source)
+        with atomic_path(run_dir / "final", directory=True, what="exported model") as temporary:
+            setup.export(temporary, final_source)
         best = run_dir / "best"
-        chosen = best if best.is_dir() else run_dir / "final"
-        _replace_dir(chosen, model_dir)
+        copy_dir_atomic(best if best.is_dir() else run_dir / "final", model_dir, what="deployed model")
         write_json_atomic(run_dir / "trainer_state.json", state.__dict__)
         accelerator.print(
             f"done: {state.step} steps in {time.perf_counter() - started:.0f} s; model in {model_dir}"
@@ -180,14 +287,6 @@ def train(config: Config, setup: TrainingSetup, *, resume: bool = False, progres
     return TrainResult(run_dir=run_dir, model_dir=model_dir, state=state)
 
 
-def _replace_dir(source: Path, target: Path) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-
-
 def _evaluate_and_keep_best(accelerator, setup, state, run_dir, bar) -> None:
     if accelerator.is_main_process:
         # the unwrapped module: a DDP forward on one rank alone could wait for the other ranks
@@ -196,11 +295,8 @@ def _evaluate_and_keep_best(accelerator, setup, state, run_dir, bar) -> None:
         improved = state.best_metric is None or result.value < state.best_metric
         if improved:
             state.best_metric, state.best_step = result.value, state.step
-            tmp = run_dir / "best.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            setup.export(tmp, "student")
-            shutil.rmtree(run_dir / "best", ignore_errors=True)
-            tmp.rename(run_dir / "best")
+            with atomic_path(run_dir / "best", directory=True, what="best model") as temporary:
+                setup.export(temporary, "student")
         bar.write(f"step {state.step}: {result.metric} = {result.value:.4g}" + (" (best)" if improved else ""))
         accelerator.log({f"eval/{result.metric}": result.value}, step=state.step)
     accelerator.wait_for_everyone()
@@ -208,15 +304,24 @@ def _evaluate_and_keep_best(accelerator, setup, state, run_dir, bar) -> None:
 
 def _checkpoint(accelerator, config, setup, optimizer, state, run_dir) -> None:
     accelerator.wait_for_everyone()
+    failure = None
     if accelerator.is_main_process:
-        save_checkpoint(
-            run_dir,
-            step_name(state.step),
-            student=setup.student.state_dict(),
-            ema=setup.student.emas.state_dict(),
-            optimizer=optimizer.state_dict(),
-            trainer_state=state,
-            extra_files={"config.yaml": (run_dir / "config.yaml").read_text()},
-        )
-        prune_checkpoints(run_dir, config.train.keep_checkpoints)
+        try:
+            save_checkpoint(
+                run_dir,
+                step_name(state.step),
+                student=setup.student.state_dict(),
+                ema=setup.student.emas.state_dict(),
+                optimizer=optimizer.state_dict(),
+                trainer_state=state,
+                scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                extra_files={"config.yaml": (run_dir / "config.yaml").read_text()},
+            )
+        except WriteError as error:
+            failure = WriteError(error.errno, f"step {state.step}: {error.strerror}; {_last_good(run_dir)} "
+                                              "(resume from it with --resume)")
+        else:
+            prune_checkpoints(run_dir, config.train.keep_checkpoints)
+    if not _all_ranks(accelerator, failure is None):
+        raise failure or WriteError(0, f"step {state.step}: the main process could not write the checkpoint")
     accelerator.wait_for_everyone()
