@@ -25,7 +25,14 @@ TEMP_SUFFIX = ".tmp"
 
 
 class WriteError(OSError):
-    """A file or folder could not be written (disk full, permissions, I/O error); the message names it."""
+    """A file or folder could not be written (disk full, permissions, I/O error); the message names it.
+
+    ``errno`` is the failed write's; ``filename`` the target; ``cause`` the system's words for the failure."""
+
+    cause: str = ""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 def _hint(error: OSError) -> str:
@@ -41,7 +48,7 @@ def write_error(target: Path, error: OSError, what: str = "") -> WriteError:
     cause = error.strerror or str(error) or type(error).__name__
     label = f"{what} " if what else ""
     wrapped = WriteError(error.errno or 0, f"could not write {label}{target}: {cause}; {_hint(error)} and try again")
-    wrapped.filename = str(target)
+    wrapped.filename, wrapped.cause = str(target), cause
     return wrapped
 
 
@@ -101,6 +108,9 @@ def atomic_path(target: str | Path, *, directory: bool = False, what: str = "") 
         _install(temporary, target)
     except BaseException as error:
         _remove(temporary)
+        if isinstance(error, WriteError) and str(temporary) in (error.filename or ""):
+            # a nested atomic write inside ours failed: name our target, not the temporary
+            raise write_error(target, OSError(error.errno, error.cause), what) from error
         if isinstance(error, OSError) and not isinstance(error, WriteError):
             raise write_error(target, error, what) from error
         raise

@@ -13,13 +13,20 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from .errors import RunStopped
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SCFM: few-step samplers from flow-matching models.")
 console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
+# What a command reports as one line on stderr (exit status 2) instead of a traceback: bad configs and inputs
+# (ValueError and its subclasses: ConfigError, DataError, CheckpointError), missing files, failed writes
+# (OSError, WriteError), broken caches (CacheError, a ValueError) and stopped runs (RunStopped: non-finite values, a locked folder).
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, OSError, RunStopped)
 OVERRIDES_HELP = "Config overrides as section.field=value, e.g. train.steps=2000 eval.every=100."
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    errors.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -51,14 +58,13 @@ def train(
 ) -> None:
     """Train: from-scratch flow matching (train.mode=pretrain) or SCFM distillation (train.mode=distill)."""
     from .config import load_config
-    from .preparation import CacheError
     from .workflows import resolve_config_path, run_training
 
     _threads()
     try:
         cfg = load_config(resolve_config_path(config), overrides or [])
         result = run_training(cfg, resume=resume)
-    except (ValueError, FileNotFoundError, KeyError, CacheError) as exc:  # CacheError: a bad data.source cache
+    except USER_ERRORS as exc:
         _fail(exc)
     finally:
         end_distributed()
@@ -113,7 +119,7 @@ def evaluate(
             source = data.get("source", data.get("name", ""))
             cfg = load_config(resolve_config_path(config) if config else None, [f"data.source={source}", *arguments])
             report = evaluate_models(cfg, teacher, student, out)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     console.print(report.markdown)
     console.print(f"report: [bold]{out / 'report.md'}[/]")
@@ -148,7 +154,7 @@ def sample(
         else:
             written = sample_builtin(model, steps=steps, num=num, shift=1.0 if shift is None else shift,
                                      label=label, seed=seed, out=out)
-    except (ValueError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     console.print("wrote " + ", ".join(str(p) for p in written))
 
@@ -184,7 +190,7 @@ def prepare(
                                          max_sequence_length=max_sequence_length)
     except PreparationError as exc:
         _fail(exc)
-    except (ValueError, FileNotFoundError, OSError) as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     console.print(report.summary())
 
@@ -206,7 +212,7 @@ def demo(
 
         try:
             report = run_t2i_demo(out, overrides or [], cache_dir=cache_dir() / "t2i", sweep_threads=sampling_threads)
-        except (ValueError, FileNotFoundError, KeyError) as exc:
+        except USER_ERRORS as exc:
             _fail(exc)
         finally:
             end_distributed()
@@ -215,7 +221,7 @@ def demo(
         return
     try:
         result = run_demo(data, out, overrides or [], teacher_steps=teacher_steps, sweep_threads=sampling_threads)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     finally:
         end_distributed()
@@ -239,7 +245,7 @@ def world_images(
 
     try:
         world.write_image_folder(out, world.random_scenes(count, seed, split), seed)
-    except ValueError as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     console.print(f"wrote {count} images with captions to [bold]{out}[/]")
 
@@ -256,7 +262,7 @@ def world_prompts(
 
     try:
         texts = world.captions_for(world.random_scenes(count, seed, split), seed + 1)
-    except ValueError as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(texts) + "\n")

@@ -17,12 +17,14 @@ from typing import Iterator
 
 from filelock import FileLock, Timeout
 
+from .errors import RunStopped
+
 __all__ = ["FolderLocked", "LOCK_NAME", "folder_lock"]
 
 LOCK_NAME = ".shortcutfm.lock"
 
 
-class FolderLocked(RuntimeError):
+class FolderLocked(RunStopped):
     """Another process is writing the folder; the message names it and what to do."""
 
 

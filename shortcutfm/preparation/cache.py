@@ -33,7 +33,7 @@ SHARD_GLOB = "shard-*.safetensors"
 RERUN_HINT = "re-run `shortcutfm prepare` with the same inputs and out_dir (cached records are kept)"
 
 
-class CacheError(RuntimeError):
+class CacheError(ValueError):
     """A cache directory is missing, corrupt, or incompatible with the requested settings."""
 
 

@@ -33,6 +33,7 @@ from ..atomic import WriteError, atomic_path, copy_dir_atomic, write_json_atomic
 from ..config import Config, save_config
 from ..core.jumps import sample_jumps
 from ..core.targets import TargetVelocities, scfm_loss, scfm_targets
+from ..errors import NonFiniteError
 from ..folder_lock import FolderLocked, folder_lock
 from .checkpoint import (
     CheckpointError,
@@ -50,10 +51,6 @@ __all__ = ["train", "TrainResult", "NonFiniteError", "learning_rate", "step_gene
 MAX_RETRIES = 32
 """Consecutive redone attempts of one step (fp16 overflow, or non-finite values with on_nonfinite=skip) before
 the run stops: 32 halvings take fp16's loss scale from 65536 far below 1."""
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or the gradients became NaN or infinite; the message names the step and the last checkpoint."""
 
 
 def step_generator(seed: int, step: int, rank: int, attempt: int = 0) -> torch.Generator:
@@ -177,8 +174,6 @@ def train(config: Config, setup: TrainingSetup, *, resume: bool = False, progres
 
 def _train_locked(config: Config, setup: TrainingSetup, accelerator: Accelerator, run_dir: Path, *, resume: bool,
                   progress: bool) -> TrainResult:
-    world, rank = accelerator.num_processes, accelerator.process_index
-    local_batch = config.train.batch_size // world
     if accelerator.is_main_process:
         save_config(config, run_dir / "config.yaml")
     if config.train.tracker:
@@ -193,14 +188,49 @@ def _train_locked(config: Config, setup: TrainingSetup, accelerator: Accelerator
     module, optimizer = accelerator.prepare(student.module, optimizer)
     student_velocity = student.wrap(module)
     targets_from = _target_velocities(setup)
-    scaler = accelerator.scaler  # fp16 on a GPU: the loss scaler Accelerate made (None otherwise)
-    max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
 
     bar = tqdm(
         total=config.train.steps, initial=state.step, disable=not (progress and accelerator.is_main_process),
         desc=f"{config.train.mode}", dynamic_ncols=True,
     )
-    started, logged_loss = time.perf_counter(), []
+    started = time.perf_counter()
+    try:
+        _loop(config, setup, accelerator, run_dir, state, optimizer, student_velocity, targets_from, params, bar)
+    finally:
+        bar.close()
+    return _finish(config, setup, accelerator, run_dir, state, started)
+
+
+def _finish(config, setup, accelerator, run_dir: Path, state: TrainerState, started: float) -> TrainResult:
+    """Export the final model, deploy the best (or final) one, write the trainer state; end the trackers."""
+    model_dir = run_dir / "model"
+    if accelerator.is_main_process:
+        final_source = "ema" if config.train.mode == "pretrain" else "student"
+        with atomic_path(run_dir / "final", directory=True, what="exported model") as temporary:
+            setup.export(temporary, final_source)
+        best = run_dir / "best"
+        copy_dir_atomic(best if best.is_dir() else run_dir / "final", model_dir, what="deployed model")
+        write_json_atomic(run_dir / "trainer_state.json", state.__dict__)
+        accelerator.print(
+            f"done: {state.step} steps in {time.perf_counter() - started:.0f} s; model in {model_dir}"
+            + (f" (best {state.history[-1]['metric']} = {state.best_metric:.4g} at step {state.best_step})" if state.best_step else "")
+        )
+    accelerator.wait_for_everyone()
+    # Not accelerator.end_training(): it also destroys the process group, which Accelerate's state (a process-wide
+    # singleton) would not set up again, so a second train() in the same processes (run_demo: teacher, then
+    # student) would fail under torchrun. The launcher's entry point ends it (cli.end_distributed).
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    return TrainResult(run_dir=run_dir, model_dir=model_dir, state=state)
+
+
+def _loop(config, setup, accelerator, run_dir, state, optimizer, student_velocity, targets_from, params, bar) -> None:
+    """Optimizer steps from ``state.step + 1`` to ``train.steps``, with evaluations and checkpoints."""
+    student, rank = setup.student, accelerator.process_index
+    local_batch = config.train.batch_size // accelerator.num_processes
+    scaler = accelerator.scaler  # fp16 on a GPU: the loss scaler Accelerate made (None otherwise)
+    max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
+    logged_loss = []
     step, attempt = state.step + 1, 0
     last_loss, last_norm = math.nan, None  # of the latest attempt, for the message if a step keeps failing
     while step <= config.train.steps:
@@ -264,27 +294,6 @@ def _train_locked(config: Config, setup: TrainingSetup, accelerator: Accelerator
         if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) or step == config.train.steps:
             _checkpoint(accelerator, config, setup, optimizer, state, run_dir)
         step += 1
-    bar.close()
-
-    model_dir = run_dir / "model"
-    if accelerator.is_main_process:
-        final_source = "ema" if config.train.mode == "pretrain" else "student"
-        with atomic_path(run_dir / "final", directory=True, what="exported model") as temporary:
-            setup.export(temporary, final_source)
-        best = run_dir / "best"
-        copy_dir_atomic(best if best.is_dir() else run_dir / "final", model_dir, what="deployed model")
-        write_json_atomic(run_dir / "trainer_state.json", state.__dict__)
-        accelerator.print(
-            f"done: {state.step} steps in {time.perf_counter() - started:.0f} s; model in {model_dir}"
-            + (f" (best {state.history[-1]['metric']} = {state.best_metric:.4g} at step {state.best_step})" if state.best_step else "")
-        )
-    accelerator.wait_for_everyone()
-    # Not accelerator.end_training(): it also destroys the process group, which Accelerate's state (a process-wide
-    # singleton) would not set up again, so a second train() in the same processes (run_demo: teacher, then
-    # student) would fail under torchrun. The launcher's entry point ends it (cli.end_distributed).
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    return TrainResult(run_dir=run_dir, model_dir=model_dir, state=state)
 
 
 def _evaluate_and_keep_best(accelerator, setup, state, run_dir, bar) -> None:
