@@ -193,3 +193,40 @@ def test_from_pretrained_loads_a_frozen_bfloat16_base(tmp_path):
     loss = student.wrap(student.module)(x, sigma, **cond).float().pow(2).mean()
     loss.backward()
     assert all(p.grad is not None for p in student.trainable_tensors().values())
+
+
+def test_fast_and_slow_ema_roles_use_their_own_adapter_weights():
+    """Each target role evaluates the EMA of its decay: loading that EMA's averages into the student adapter
+    gives the same velocity (catches the two adapters swapped in the student or in the EMA bookkeeping)."""
+    student = make_student()  # fast decay 0.9, slow 0.99
+    assert (student.emas.fast.decay, student.emas.slow.decay) == (0.9, 0.99)
+    for step in range(1, 4):  # the averages drift apart from the moving student
+        perturb(student.trainable_tensors(), step)
+        student.emas.update(step, student.trainable_tensors())
+    x, sigma, cond = inputs()
+    targets = student.target_velocities()
+    fast, slow = targets.fast_ema(x, sigma, **cond), targets.slow_ema(x, sigma, **cond)
+    assert not torch.equal(fast, slow)
+    for ema, got in ((student.emas.fast, fast), (student.emas.slow, slow)):
+        averages = snapshot(ema.shadow)
+        perturb(student.trainable_tensors(), 99)
+        with torch.no_grad():
+            for name, tensor in student.trainable_tensors().items():
+                tensor.copy_(averages[name])
+            torch.testing.assert_close(student.module(x, sigma, **cond), got, rtol=0, atol=0)
+
+
+def test_adapter_switch_restores_grad_flags_peft_would_not():
+    """peft's set_adapter makes the active adapter trainable; use_adapter must instead restore exactly what was
+    there: a frozen student stays frozen, and a base weight the user made trainable stays trainable."""
+    student = make_student()
+    for tensor in student.trainable_tensors().values():
+        tensor.requires_grad_(False)
+    norm_weight = next(p for n, p in student.transformer.named_parameters() if n.endswith("attn.norm_q.weight"))
+    norm_weight.requires_grad_(True)
+    before = grad_flags(student.transformer)
+    x, sigma, cond = inputs()
+    targets = student.target_velocities()
+    for role in (targets.teacher, targets.fast_ema, targets.slow_ema):
+        role(x, sigma, **cond)
+        assert grad_flags(student.transformer) == before
