@@ -1,6 +1,7 @@
 """prepare_from_folder with tiny Flux / SD3 / Lumina 2 pipelines built from config (offline)."""
 
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -172,3 +173,38 @@ def test_setting_errors(pipes, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty holds no images"):
         prepare(pipe, tmp_path / "empty", tmp_path / "other")
+
+
+def test_every_image_mode_prepares_and_bad_captions_are_named(pipes, tmp_path):
+    """RGBA, LA, palette, 16-bit grey, CMYK and 1-bit images are encoded (a fully transparent image as the white
+    one it shows); an empty and a non-UTF-8 caption are reported by name while the rest is cached."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    white = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
+    images = {
+        "white.png": white,
+        "transparent.png": Image.new("RGBA", (SIZE, SIZE), (12, 34, 56, 0)),
+        "grey_alpha.png": Image.new("LA", (SIZE, SIZE), (90, 255)),
+        "palette.png": Image.new("P", (SIZE, SIZE), 3),
+        "grey16.png": Image.fromarray(np.full((SIZE, SIZE), 40000, dtype=np.uint16)),
+        "cmyk.jpg": Image.new("CMYK", (SIZE, SIZE), (0, 128, 255, 0)),
+        "bits.png": Image.new("1", (SIZE, SIZE), 1),
+        "empty.png": white,
+        "latin1.png": white,
+    }
+    for name, image in images.items():
+        image.save(folder / name)
+        (folder / name).with_suffix(".txt").write_text(f"a photo of {Path(name).stem}")
+    (folder / "empty.txt").write_text("")
+    (folder / "latin1.txt").write_bytes("un caf\xe9".encode("latin-1"))
+    report = prepare(pipes["sd3"], folder, tmp_path / "cache", on_error="skip")
+    failed = {item.path: item.reason for item in report.failed}
+    assert set(failed) == {"empty.png", "latin1.png"}
+    assert "empty.txt is empty" in failed["empty.png"] and "not UTF-8" in failed["latin1.png"]
+    cache = LatentCache(tmp_path / "cache")
+    assert len(cache) == 7
+    latents = {record.source: cache.tensors["latents"][index] for index, record in enumerate(cache.records)}
+    same = dict(rtol=0, atol=1e-5)  # images encoded in different batches differ in the last float bits
+    torch.testing.assert_close(latents["transparent.png"], latents["white.png"], **same)
+    torch.testing.assert_close(latents["bits.png"], latents["white.png"], **same)
+    assert (latents["grey16.png"] - latents["white.png"]).abs().max() > 0.01  # 40000/65535 grey, not white

@@ -26,12 +26,22 @@ class ImageCaption:
     image_path: Path
     relative_name: str  # path relative to the folder, posix style (what reports and records show)
     caption: str | None
-    missing_caption_hint: str = ""  # how to add the caption, when it is missing
+    missing_caption_hint: str = ""  # why the caption is missing and how to add it (the report's whole reason)
+
+
+def read_utf8(path: Path) -> str:
+    """The text of ``path``; a one-line ``ValueError`` naming the file and the first bad byte if it is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is dropped
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{data[error.start]:02x} at position {error.start}); "
+                         "save it as UTF-8") from None
 
 
 def _jsonl_rows(path: Path) -> list[tuple[int, object]]:
     rows = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -59,7 +69,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
     if path.suffix.lower() == ".jsonl":
         prompts = [_text_field(row, path, number, TEXT_FIELDS).strip() for number, row in _jsonl_rows(path)]
     elif path.suffix.lower() == ".txt":
-        lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+        lines = (line.strip() for line in read_utf8(path).splitlines())
         prompts = [line for line in lines if line and not line.startswith("#")]
     else:
         raise ValueError(f"prompt file {path} must be a .txt (one prompt per line) or a .jsonl file")
@@ -107,7 +117,16 @@ def list_image_captions(folder: str | Path) -> list[ImageCaption]:
     for name in sorted(names):
         image_path = folder / name
         sidecar = image_path.with_suffix(".txt")
-        caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else indexed.get(name)
-        hint = f'write it into {sidecar}, or add {{"file_name": "{name}", "text": ...}} to {folder}/metadata.jsonl'
+        hint = f'no caption; write it into {sidecar}, or add {{"file_name": "{name}", "text": ...}} to {folder}/metadata.jsonl'
+        caption = indexed.get(name)
+        if sidecar.is_file():
+            try:
+                caption = read_utf8(sidecar).strip()
+            except ValueError as error:  # reported with the image, so the other images are still prepared
+                caption, hint = None, f"its caption {error}"
+            else:
+                hint = f"its caption file {sidecar} is empty; write the caption into it" if not caption else hint
+        elif name in indexed and not caption:
+            hint = f"its caption in {folder}/metadata.jsonl is empty; write one"
         items.append(ImageCaption(image_path, name, caption or None, hint))
     return items

@@ -110,11 +110,45 @@ def _check_positive(**counts: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+class UnsupportedImage(ValueError):
+    """An image that opens but has no faithful 8-bit RGB reading."""
+
+
+_SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The 8-bit RGB image the VAE sees, from any mode Pillow opens.
+
+    * camera orientation (EXIF) applied, as diffusers' ``load_image`` does;
+    * 16-bit grey (``I;16``, or ``I`` as Pillow opens 16-bit PNGs) scaled to 8 bits (``v / 257``): Pillow's own
+      conversion clips every value above 255 to white;
+    * transparency (RGBA, LA, palette or RGB with a transparent colour) composited on white, the usual reading
+      of a transparent background (dropping the alpha would show whatever colour the hidden pixels store);
+    * CMYK, palette, grey and 1-bit images by Pillow's conversion (CMYK without colour management);
+    * 32-bit float images are refused (no agreed range).
+    """
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "F":
+        raise UnsupportedImage("is a 32-bit floating-point image, which has no agreed 8-bit range; save it as an "
+                               "8- or 16-bit PNG")
+    if image.mode in _SIXTEEN_BIT_GREY:
+        values = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
 def _load_image(item: ImageCaption, settings: Mapping[str, Any], layout: CacheLayout, allow_upscale: bool,
                 writer: CacheWriter, report: PreparationReport) -> tuple[RecordInfo, Image.Image] | None:
     """The record and RGB image of one folder item, or ``None`` (counted in ``report``) if cached or bad."""
     if item.caption is None:
-        report.failed.append(FailedInput(item.relative_name, f"no caption; {item.missing_caption_hint}"))
+        report.failed.append(FailedInput(item.relative_name, item.missing_caption_hint))
         return None
     try:
         image_bytes = item.image_path.read_bytes()
@@ -125,11 +159,14 @@ def _load_image(item: ImageCaption, settings: Mapping[str, Any], layout: CacheLa
     if writer.has(key):
         report.already_cached += 1
         return None
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(image_bytes)) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")  # camera orientation, as diffusers' load_image
+            image = to_rgb(opened)
+    except UnsupportedImage as error:
+        report.failed.append(FailedInput(item.relative_name, str(error)))
+        return None
     except Exception as error:  # PIL raises many types for truncated/garbled files
         report.failed.append(FailedInput(item.relative_name, f"is not a readable image ({type(error).__name__}: "
                                                              f"{error}); replace or remove the file"))
