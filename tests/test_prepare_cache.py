@@ -143,3 +143,36 @@ def test_empty_cache_is_an_error(tmp_path):
         writer.write_uncond(UNCOND)
     with pytest.raises(CacheError, match="no records"):
         LatentCache(tmp_path)
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda m: m.update(num_records=m["num_records"] + 1), r"lists 5 records but its shards hold 4"),
+    (lambda m: m["tensors"]["latents"].update(dtype="bfloat16"), r"latents is float32\[4, 8, 8\], but the cache holds bfloat16"),
+    (lambda m: m["tensors"]["prompt_embeds"].update(shape=[8, 16]), r"prompt_embeds is float32\[8, 32\].*\[8, 16\]"),
+    (lambda m: m["shards"].append(dict(m["shards"][0])), r"lists 4 records but its shards hold 7"),
+    (lambda m: m["tensors"].pop("pooled_prompt_embeds"), r"holds tensors .*pooled_prompt_embeds.*expected"),
+])
+def test_manifest_that_disagrees_with_its_shards_is_named(tmp_path, tamper, message):
+    write_cache(tmp_path, range(4))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    tamper(manifest)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=message):
+        LatentCache(tmp_path)
+
+
+def test_shard_with_wrong_dtype_or_row_count_is_named(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    write_cache(tmp_path, range(4))
+    shard = tmp_path / "shard-00000.safetensors"
+    with safe_open(str(shard), framework="pt") as opened:
+        metadata = opened.metadata()
+    tensors = load_file(str(shard))
+    save_file({**tensors, "latents": tensors["latents"].half()}, str(shard), metadata=metadata)
+    with pytest.raises(CacheError, match=r"shard-00000\.safetensors: latents is float16\[4, 8, 8\], but the cache holds float32"):
+        LatentCache(tmp_path)
+    save_file({**tensors, "latents": tensors["latents"][:2]}, str(shard), metadata=metadata)
+    with pytest.raises(CacheError, match=r"shard-00000\.safetensors: latents has 2 rows for 3 records"):
+        LatentCache(tmp_path)

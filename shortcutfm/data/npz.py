@@ -106,6 +106,14 @@ def _check_x(x: np.ndarray, path: Path) -> tuple[np.ndarray, str, bool]:
                 f"{path}: array 'x' has {num_bad} non-finite value(s) (NaN or inf), the first at x[{', '.join(map(str, first))}]; "
                 "remove or replace those samples"
             )
+        limit = float(np.finfo(np.float32).max)
+        too_large = np.abs(x) > limit
+        if too_large.any():  # training runs in float32: these would become inf
+            first = np.unravel_index(int(too_large.argmax()), x.shape)
+            raise DataError(
+                f"{path}: array 'x' has {int(too_large.sum())} value(s) beyond float32's range (|x| > {limit:.3g}), the "
+                f"first at x[{', '.join(map(str, first))}]; rescale the data"
+            )
     if x.ndim == 2:
         return x, "vector", False
     if x.ndim == 3:
