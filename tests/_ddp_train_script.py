@@ -8,7 +8,11 @@ checkpoint every 2), one after the other in the same processes (the imports domi
 
 * ``full``: an uninterrupted run in ``R/full``;
 * ``killed``: a run in ``R/killed`` where every rank raises right after the step-2 checkpoint (a killed run);
-* ``resume``: ``run_training(resume=True)`` on ``R/killed`` (use it in a fresh launch).
+* ``resume``: ``run_training(resume=True)`` on ``R/killed`` (use it in a fresh launch);
+* ``sigkill``: ``run_training(resume=True)`` on ``R/sigkill``, for a test that SIGKILLs the launch at random
+  moments and launches it again until it finishes.
+
+``--steps`` (default 4) sets the run length of every phase.
 
 After each phase every rank writes ``D/<phase>/rank{r}.safetensors`` (its student LoRA as ``student.*``, both
 EMAs as ``ema.*``) and ``D/<phase>/rank{r}.json`` (world size, final step, the batch indices it drew per step).
@@ -41,7 +45,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     for name in ("--pipe-dir", "--cache-dir", "--run-root", "--dump-root"):
         parser.add_argument(name, required=True)
-    parser.add_argument("phases", nargs="+", choices=["full", "killed", "resume"])
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("phases", nargs="+", choices=["full", "killed", "resume", "sigkill"])
     args = parser.parse_args()
 
     from diffusers.utils import logging as diffusers_logging
@@ -78,10 +83,10 @@ def main() -> int:
     setup_module.CachedBatches.get = recording_get
 
     for phase in args.phases:
-        run_dir = Path(args.run_root) / ("full" if phase == "full" else "killed")
+        run_dir = Path(args.run_root) / {"full": "full", "sigkill": "sigkill"}.get(phase, "killed")
         config = load_config(resolve_config_path("flux"), [
             f"data.source={args.cache_dir}", f"model.pretrained={args.pipe_dir}", "model.dtype=float32",
-            'train.mixed_precision="no"', "lora.rank=4", "lora.alpha=4", f"train.steps={STEPS}",
+            'train.mixed_precision="no"', "lora.rank=4", "lora.alpha=4", f"train.steps={args.steps}",
             "train.batch_size=4", "jumps.teacher_grid=4", "jumps.self_grids=[2,4]", "eval.every=2",
             "eval.num_samples=2", "optim.lr=1e-2", f"train.checkpoint_every={CHECKPOINT_EVERY}",
             f"train.output_dir={run_dir}",
@@ -90,7 +95,7 @@ def main() -> int:
         drawn.clear()
         trainer_module._checkpoint = checkpoint_then_die if phase == "killed" else original_checkpoint
         try:
-            final_step = run_training(config, resume=phase == "resume", progress=False).state.step
+            final_step = run_training(config, resume=phase in ("resume", "sigkill"), progress=False).state.step
         except Killed:
             final_step = KILLED_AT
         student = captured["setup"].student

@@ -28,15 +28,19 @@ SCRIPT = Path(__file__).with_name("_ddp_train_script.py")
 CHECKPOINT_FILES = ("student.safetensors", "ema.safetensors", "optimizer.safetensors")
 
 
-def launch(phases: list[str], pipe_dir: Path, cache_dir: Path, root: Path, timeout: float = 240) -> str:
-    """torchrun --standalone --nproc_per_node 2 on the script; fails the test (with the output) unless rc == 0."""
+def start(phases: list[str], pipe_dir: Path, cache_dir: Path, root: Path, steps: int = 4) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
                "--pipe-dir", str(pipe_dir), "--cache-dir", str(cache_dir), "--run-root", str(root / "runs"),
-               "--dump-root", str(root / "dumps"), *phases]
+               "--dump-root", str(root / "dumps"), "--steps", str(steps), *phases]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               start_new_session=True)  # its own process group: a hang kills every worker
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)  # its own process group: a hang kills every worker
+
+
+def launch(phases: list[str], pipe_dir: Path, cache_dir: Path, root: Path, timeout: float = 240, steps: int = 4) -> str:
+    """torchrun --standalone --nproc_per_node 2 on the script; fails the test (with the output) unless rc == 0."""
+    process = start(phases, pipe_dir, cache_dir, root, steps)
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -60,7 +64,7 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: st
     assert not different, f"{what}: {len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def test_two_process_flux_distillation_syncs_and_resumes_exactly(tmp_path):
+def prepare_world(tmp_path: Path) -> tuple[Path, Path]:
     pipe_dir, images, cache_dir = tmp_path / "pipe", tmp_path / "images", tmp_path / "cache"
     pipe = tiny_pipeline("flux")
     pipe.save_pretrained(pipe_dir)
@@ -71,6 +75,11 @@ def test_two_process_flux_distillation_syncs_and_resumes_exactly(tmp_path):
         (images / f"img{index}.txt").write_text(f"a photo of {['cat', 'dog'][index % 2]}")
     prepare_from_folder(pipe, images, cache_dir, height=16, width=16, max_sequence_length=SEQUENCE_LENGTH["flux"],
                         model_id=str(pipe_dir), show_progress=False)
+    return pipe_dir, cache_dir
+
+
+def test_two_process_flux_distillation_syncs_and_resumes_exactly(tmp_path):
+    pipe_dir, cache_dir = prepare_world(tmp_path)
 
     # one launch: an uninterrupted run, then a run whose ranks all die right after the step-2 checkpoint;
     # a second launch (fresh processes) resumes the killed run
@@ -118,3 +127,35 @@ def test_two_process_flux_distillation_syncs_and_resumes_exactly(tmp_path):
         assert (run / "best" / STUDENT_WEIGHTS).is_file()
         state = json.loads((run / "trainer_state.json").read_text())
         assert state["step"] == 4 and [h["step"] for h in state["history"]] == [2, 4]
+
+
+@pytest.mark.slow
+def test_two_process_run_sigkilled_at_random_moments_resumes_exactly(tmp_path):
+    """The whole torchrun process group killed with SIGKILL at a random moment after a checkpoint exists, three
+    times, each time launched again with --resume: the final checkpoint equals the uninterrupted run's."""
+    import random
+    import time
+
+    steps = 16
+    pipe_dir, cache_dir = prepare_world(tmp_path)
+    launch(["full"], pipe_dir, cache_dir, tmp_path, steps=steps)
+    checkpoints = tmp_path / "runs" / "sigkill" / "checkpoints"
+    rng, kills = random.Random(0), 0
+    for _ in range(3):
+        process = start(["sigkill"], pipe_dir, cache_dir, tmp_path, steps)
+        seen = {p.name for p in checkpoints.iterdir()} if checkpoints.is_dir() else set()
+        deadline = time.monotonic() + 240
+        while process.poll() is None and time.monotonic() < deadline:  # wait for a new checkpoint
+            if checkpoints.is_dir() and {p.name for p in checkpoints.iterdir() if not p.name.startswith(".")} - seen:
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            kills += 1
+        process.communicate()
+    assert kills >= 1
+    launch(["sigkill"], pipe_dir, cache_dir, tmp_path, steps=steps)
+    for filename in CHECKPOINT_FILES:
+        assert_same(load_file(str(tmp_path / "runs" / "full" / "checkpoints" / step_name(steps) / filename)),
+                    load_file(str(checkpoints / step_name(steps) / filename)), f"{filename} after {kills} kills")
