@@ -301,10 +301,13 @@ def test_second_writer_is_refused_and_a_killed_holder_leaves_no_stuck_lock(tmp_p
 def test_resume_with_another_model_shape_is_one_line_naming_the_mismatch(tmp_path, teacher_dir):
     run = tmp_path / "run"
     run_training(pretrain_config(run, steps=5), progress=False)
+    saved = (run / "config.yaml").read_text()
     with pytest.raises(CheckpointError) as caught:
         run_training(pretrain_config(run, steps=10, extra=["model.width=48"]), resume=True, progress=False)
     message = str(caught.value)
-    assert "\n" not in message and "size mismatch" in message and "config.yaml" in message
+    assert "\n" not in message and "size mismatch for inp.weight" in message and "[32, 2]" in message
+    assert f"({run / 'config.yaml'})" in message
+    assert (run / "config.yaml").read_text() == saved  # the config it points at is still the run's own
 
 
 def test_truncated_checkpoint_file_is_named(tmp_path):

@@ -174,17 +174,16 @@ def train(config: Config, setup: TrainingSetup, *, resume: bool = False, progres
 
 def _train_locked(config: Config, setup: TrainingSetup, accelerator: Accelerator, run_dir: Path, *, resume: bool,
                   progress: bool) -> TrainResult:
-    if accelerator.is_main_process:
-        save_config(config, run_dir / "config.yaml")
-    if config.train.tracker:
-        accelerator.init_trackers("shortcutfm")
-
     student = setup.student
     params = list(student.trainable_tensors().values())
     optimizer = torch.optim.AdamW(
         params, lr=config.optim.lr, betas=config.optim.betas, weight_decay=config.optim.weight_decay
     )
     state = _resume(accelerator, run_dir, student, optimizer) if resume else TrainerState()
+    if accelerator.is_main_process:  # after the resume check: a refused resume keeps the run's own config.yaml
+        save_config(config, run_dir / "config.yaml")
+    if config.train.tracker:
+        accelerator.init_trackers("shortcutfm")
     module, optimizer = accelerator.prepare(student.module, optimizer)
     student_velocity = student.wrap(module)
     targets_from = _target_velocities(setup)
