@@ -66,6 +66,8 @@ class Normalization:
     def from_statistics(cls, x: torch.Tensor) -> Normalization:
         """Per-dimension standardisation fitted on ``x`` (N, D); constant dimensions keep std 1."""
         x64 = x.double()
+        if len(x64) < 2:  # one sample has no spread: every dimension keeps std 1
+            return cls("standardize", x64.mean(dim=0), torch.ones(x64.shape[1:], dtype=torch.float64))
         std = x64.std(dim=0)
         std = torch.where(std > 1e-12 * (1.0 + x64.abs().amax(dim=0)), std, torch.ones_like(std))
         return cls("standardize", x64.mean(dim=0), std)

@@ -107,7 +107,7 @@ def _check_x(x: np.ndarray, path: Path) -> tuple[np.ndarray, str, bool]:
                 "remove or replace those samples"
             )
         limit = float(np.finfo(np.float32).max)
-        too_large = np.abs(x) > limit
+        too_large = np.abs(x) > limit if x.dtype.itemsize > 4 else np.zeros((), bool)
         if too_large.any():  # training runs in float32: these would become inf
             first = np.unravel_index(int(too_large.argmax()), x.shape)
             raise DataError(
