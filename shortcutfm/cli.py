@@ -196,6 +196,36 @@ def prepare(
 
 
 @app.command()
+def bench(
+    data: str = typer.Option(..., "--data", help="checkerboard or digits (data with a bundled teacher)."),
+    methods: Optional[List[str]] = typer.Option(None, "--methods", help="Repeat to choose: scfm, progressive, consistency, reflow, shortcut, meanflow (default: all)."),
+    solvers: Optional[List[str]] = typer.Option(None, "--solvers", help="Repeat to choose: euler, heun, midpoint, dpmsolver++, unipc (default: all)."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="A named budget: checkerboard, digits or quick (default: the data's)."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Output directory (report.md, metrics.json, a plot)."),
+    workers: int = typer.Option(2, "--workers", help="Training runs in parallel, one torch thread each."),
+) -> None:
+    """SCFM against training-free solvers and other few-step methods: same teacher, data, optimizer steps,
+    learning-rate search and checkpoint selection; metric against NFE."""
+    from .baselines import BUDGETS, METHODS, SOLVERS, run_bench
+
+    _threads()
+    try:
+        if budget is not None and budget not in BUDGETS:
+            raise ValueError(f"--budget {budget!r}: choose one of {', '.join(BUDGETS)}")
+        if data not in BUDGETS and budget is None:
+            raise ValueError(f"--data {data!r}: the bench has budgets for checkerboard and digits; pass --budget")
+        unknown = sorted(set(solvers or ()) - set(SOLVERS))
+        if unknown:
+            raise ValueError(f"--solvers: unknown {unknown}; choose from {', '.join(SOLVERS)}")
+        summary = run_bench(data, out, methods=tuple(methods or METHODS), solvers=tuple(solvers or SOLVERS),
+                            budget=BUDGETS[budget or data], workers=workers)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    console.print((out / "report.md").read_text())
+    console.print(f"report: [bold]{out / 'report.md'}[/] ({summary['seconds'] / 60:.1f} min)")
+
+
+@app.command()
 def demo(
     data: str = typer.Option("digits", "--data", help="digits, t2i (the text-to-image proving ground), a toy (checkerboard, 8gaussians, moons, spirals, rings) or a .npz file."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output directory."),
