@@ -386,7 +386,7 @@ def build_quick_world(directory: Path) -> tuple[Path, Path]:
     config = load_config(resolve_config_path("t2i-teacher"), [
         f"data.source={cache}", f"model.pretrained={base}", f"train.output_dir={directory / 'teacher'}",
         "train.steps=4", "train.batch_size=4", "train.checkpoint_every=0", "optim.warmup_steps=1"])
-    return run_training(config, progress=False).model_dir, cache
+    return run_training(config, overwrite=True, progress=False).model_dir, cache  # a throwaway quick teacher
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,26 @@ from rich.console import Console
 from .errors import RunStopped
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SCFM: few-step samplers from flow-matching models.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"shortcutfm {version('shortcutfm')}")
+        except PackageNotFoundError:  # a source tree that was not installed
+            from . import __version__
+
+            print(f"shortcutfm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """SCFM: few-step samplers from flow-matching models."""
 console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
 # What a command reports as one line on stderr (exit status 2) instead of a traceback: bad configs and inputs
@@ -52,9 +72,11 @@ def end_distributed() -> None:
 
 @app.command()
 def train(
-    config: str = typer.Argument(..., help="A YAML config file, or a preset name: pretrain, distill."),
+    config: str = typer.Argument(..., help="A YAML config file, or a preset name: " + ", ".join(
+        sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.yaml"))) + "."),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in train.output_dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete another run in train.output_dir and start afresh."),
 ) -> None:
     """Train: from-scratch flow matching (train.mode=pretrain) or SCFM distillation (train.mode=distill)."""
     from .config import load_config
@@ -63,7 +85,9 @@ def train(
     _threads()
     try:
         cfg = load_config(resolve_config_path(config), overrides or [])
-        result = run_training(cfg, resume=resume)
+        if resume and overwrite:
+            raise ValueError("give --resume (continue the run) or --overwrite (replace it), not both")
+        result = run_training(cfg, resume=resume, overwrite=overwrite)
     except USER_ERRORS as exc:
         _fail(exc)
     finally:
@@ -136,6 +160,8 @@ def sample(
     pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Diffusers LoRA: base pipeline (default: the run's model.pretrained)."),
     lora_scale: float = typer.Option(1.0, "--lora-scale", help="Diffusers LoRA: adapter scale (1 to 1.75 suits few steps)."),
     seed: int = typer.Option(0, "--seed"),
+    height: Optional[int] = typer.Option(None, "--height", help="Diffusers LoRA: pixels (default: the training cache's, else the pipeline's)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Diffusers LoRA: pixels (default: the training cache's, else the pipeline's)."),
     out: Path = typer.Option(Path("samples.npz"), "--out", help="Built-in: .npz (+ .png beside it); diffusers: image path."),
 ) -> None:
     """Sample with N Euler steps: a built-in model (samples in data space + a picture) or a stock diffusers
@@ -149,9 +175,14 @@ def sample(
             if not prompt:
                 raise ValueError("a LoRA needs at least one --prompt")
             image_out = out if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") else out.with_suffix(".png")
+            for name, size in (("--height", height), ("--width", width)):
+                if size is not None and size <= 0:
+                    raise ValueError(f"{name} must be a positive number of pixels, got {size}")
             written = sample_diffusers(lora_dir, pretrained=pipeline, prompts=list(prompt), steps=steps, shift=shift,
-                                       lora_scale=lora_scale, seed=seed, out=image_out)
+                                       lora_scale=lora_scale, seed=seed, out=image_out, height=height, width=width)
         else:
+            if height is not None or width is not None:
+                raise ValueError("--height/--width are for diffusers LoRAs; a built-in model samples its data's shape")
             written = sample_builtin(model, steps=steps, num=num, shift=1.0 if shift is None else shift,
                                      label=label, seed=seed, out=out)
     except USER_ERRORS as exc:
@@ -180,6 +211,13 @@ def prepare(
     if (prompts is None) == (images is None):
         _fail(ValueError("give exactly one of --prompts FILE or --images FOLDER"))
     try:
+        # the inputs first: a mistyped path must not cost a (possibly 30 GB) pipeline download
+        from .preparation.inputs import list_image_captions, read_prompt_file
+
+        read_prompt_file(prompts) if prompts is not None else list_image_captions(images)
+        for name, size in (("--height", height), ("--width", width)):
+            if size is not None and size <= 0:
+                raise ValueError(f"{name} must be a positive number of pixels, got {size}")
         pipe = load_pipeline(pipeline)
         if prompts is not None:
             report = prepare_from_prompts(pipe, prompts, out, num_steps=steps, height=height, width=width, seed=seed,

@@ -7,7 +7,7 @@ here are the run-time stops that belong to no single input.
 
 from __future__ import annotations
 
-__all__ = ["RunStopped", "NonFiniteError"]
+__all__ = ["RunStopped", "NonFiniteError", "ExistingRunError"]
 
 
 class RunStopped(RuntimeError):
@@ -16,3 +16,7 @@ class RunStopped(RuntimeError):
 
 class NonFiniteError(RunStopped):
     """The loss or the gradients became NaN or infinite; the message names the step and the last checkpoint."""
+
+
+class ExistingRunError(RunStopped):
+    """A fresh run was started in a folder that holds another run's checkpoints or model."""

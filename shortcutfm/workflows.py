@@ -27,8 +27,11 @@ def is_diffusers_family(kind: str) -> bool:
     return kind not in ("auto", "mlp", "convnet")
 
 
-def run_training(config: Config, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train with ``config``: built-in networks on array data, or a LoRA on a diffusers model."""
+def run_training(config: Config, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
+    """Train with ``config``: built-in networks on array data, or a LoRA on a diffusers model.
+
+    ``resume`` continues the run in ``train.output_dir``; ``overwrite`` replaces another run there (without either,
+    a folder holding another run is refused)."""
     # initialisation of a from-scratch network, or of a diffusers student's LoRA A matrices (peft draws them from
     # the global generator): the same config gives the same run, also after other runs in the same process
     torch.manual_seed(config.train.seed)
@@ -45,12 +48,12 @@ def run_training(config: Config, *, resume: bool = False, progress: bool = True)
 
             if is_world_pipeline(config.model.pretrained):  # the proving ground: select on images, not latents
                 setup.evaluate = selection_evaluator(config, setup.student, setup.data.cache, cache_dir() / "t2i")
-        return train(config, setup, resume=resume, progress=progress)
+        return train(config, setup, resume=resume, overwrite=overwrite, progress=progress)
     split = load_split(config)
     judge = None
     if config.train.mode == "distill" and config.eval.every:
         judge = Judge.for_data(split.train, split.holdout, cache_dir() / "classifiers", seed=config.eval.seed)
-    return train(config, builtin_setup(config, split, judge), resume=resume, progress=progress)
+    return train(config, builtin_setup(config, split, judge), resume=resume, overwrite=overwrite, progress=progress)
 
 
 @dataclass
@@ -160,7 +163,7 @@ def run_demo(
             [f"data.source={source}", f"train.output_dir={out_dir / 'teacher'}", f"train.steps={teacher_steps}"],
         )
         print(f"No bundled teacher for {source!r}: training one ({teacher_config.train.steps} steps).")
-        teacher_dir = run_training(teacher_config, progress=progress).model_dir
+        teacher_dir = run_training(teacher_config, overwrite=True, progress=progress).model_dir  # the demo's own folder
         notes.append(f"Teacher trained here: {teacher_config.train.steps} flow-matching steps.")
     else:
         notes.append(f"Teacher: the bundled checkpoint `{teacher_dir.name}` (reproduce it with the command in README).")
@@ -170,7 +173,7 @@ def run_demo(
     )
     print(f"Distilling with SCFM: {config.train.steps} steps, evaluating {config.eval.select_steps}-step quality every "
           f"{config.eval.every} steps.")
-    result = run_training(config, progress=progress)
+    result = run_training(config, overwrite=True, progress=progress)  # a rerun of the demo replaces its student
     best = result.state
     if best.best_step is not None:
         notes.append(f"Student: SCFM, best of {len(best.history)} evaluations ({best.history[0]['metric']}) at step "

@@ -148,7 +148,7 @@ def run_t2i_demo(out_dir: Path, overrides: list[str] | None = None, *, num_train
     prepared = time.perf_counter() - started
     print(f"SCFM LoRA: {config.train.steps} steps (batch {config.train.batch_size}), selecting on "
           f"{config.eval.select_steps}-step fd_teacher every {config.eval.every} steps.")
-    result = run_training(config, progress=progress)
+    result = run_training(config, overwrite=True, progress=progress)  # a rerun of the demo replaces its student
     trained = time.perf_counter() - started - prepared
     state = result.state
     notes = [f"Teacher: the bundled world pipeline `{pipeline_dir.name}`; training data: {num_train_prompts} "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from ..atomic import WriteError, atomic_path, copy_dir_atomic, write_json_atomic
 from ..config import Config, save_config
 from ..core.jumps import sample_jumps
 from ..core.targets import TargetVelocities, scfm_loss, scfm_targets
-from ..errors import NonFiniteError
+from ..errors import ExistingRunError, NonFiniteError
 from ..folder_lock import FolderLocked, folder_lock
 from .checkpoint import (
     CheckpointError,
@@ -88,7 +89,20 @@ def _target_velocities(setup: TrainingSetup) -> TargetVelocities:
     )
 
 
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def _check_tracker(tracker: str) -> None:
+    """A named tracker whose package is missing is an error (Accelerate would only warn and log nothing)."""
+    import importlib.util
+
+    if tracker and not any(importlib.util.find_spec(name) for name in TRACKER_PACKAGES[tracker]):
+        raise ValueError(f"train.tracker={tracker!r}: the {TRACKER_PACKAGES[tracker][0]} package is not installed; "
+                         f"pip install {TRACKER_PACKAGES[tracker][0]}, or set train.tracker=''")
+
+
 def _build_accelerator(config: Config, run_dir: Path) -> Accelerator:
+    _check_tracker(config.train.tracker)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision,
@@ -163,12 +177,53 @@ def _nonfinite_message(step: int, loss: float, norm: float | None, run_dir: Path
             "(or set train.on_nonfinite=skip)")
 
 
-def train(config: Config, setup: TrainingSetup, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Run ``config.train.steps`` optimiser steps of the SCFM objective (plain flow matching for FLOW rows)."""
+RUN_OUTPUTS = ("checkpoints", "best", "final", "model", "trainer_state.json")
+
+
+def _existing_run(run_dir: Path) -> str | None:
+    """What of another run ``run_dir`` holds, or None."""
+    found = latest_checkpoint(run_dir)
+    if found is not None:
+        return f"checkpoints up to {found.name}"
+    present = [name for name in RUN_OUTPUTS[1:] if (run_dir / name).exists()]
+    return f"{', '.join(present)}" if present else None
+
+
+def _clear_for_fresh_run(accelerator, run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """A fresh run never mixes with (nor prunes away) another run's checkpoints: refuse, or delete with overwrite."""
+    if resume or not accelerator.is_main_process:
+        return
+    existing = _existing_run(run_dir)
+    if existing is None:
+        return
+    if not overwrite:
+        raise ExistingRunError(f"{run_dir} holds another run ({existing}); continue it with --resume, replace it "
+                               "with --overwrite, or choose another train.output_dir")
+    for name in RUN_OUTPUTS:
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def train(config: Config, setup: TrainingSetup, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Run ``config.train.steps`` optimiser steps of the SCFM objective (plain flow matching for FLOW rows).
+
+    ``resume``: continue from the latest checkpoint in ``train.output_dir``. A fresh run into a folder that holds
+    another run is refused (:class:`~shortcutfm.errors.ExistingRunError`) unless ``overwrite`` deletes it."""
     run_dir = Path(config.train.output_dir)
     accelerator = _build_accelerator(config, run_dir)
     with ExitStack() as stack:
         _lock_run_dir(accelerator, stack, run_dir)
+        refusal = None
+        try:
+            _clear_for_fresh_run(accelerator, run_dir, resume, overwrite)
+        except ExistingRunError as error:
+            refusal = error
+        if not _all_ranks(accelerator, refusal is None):
+            raise refusal or ExistingRunError(f"{run_dir} holds another run (see the main process's message)")
         return _train_locked(config, setup, accelerator, run_dir, resume=resume, progress=progress)
 
 
