@@ -224,10 +224,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, help="training image side in pixels (default 512)")
     p.add_argument("--text-length", type=int, help="text tokens (default 512)")
     p.add_argument("--rank", type=int, help="LoRA rank, alpha = rank (default 64)")
-    p.add_argument("--attention", choices=["default", "efficient", "math", "flash"], help="SDPA backend forced with sdpa_kernel (default: none forced)")
+    p.add_argument("--attention", choices=["default", "efficient", "math", "flash"],
+        help="SDPA backend forced with sdpa_kernel (default: none forced)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="base weights (default bfloat16; tiny float32)")
-    p.add_argument("--mixed-precision", choices=["bf16", "no"], help="bf16 autocast of every forward pass, as accelerate.prepare (default bf16; tiny no)")
+    p.add_argument("--mixed-precision", choices=["bf16", "no"],
+        help="bf16 autocast of every forward pass, as accelerate.prepare (default bf16; tiny no)")
     p.add_argument("--device", help="cuda (default) or cpu")
     p.add_argument("--warmup", type=int, help="untimed steps (default 2)")
     p.add_argument("--steps", type=int, help="timed steps (default 5)")

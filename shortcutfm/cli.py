@@ -99,7 +99,8 @@ def train(
 def evaluate(
     arguments: Optional[List[str]] = typer.Argument(
         None, help="RUN (a LoRA run on a t2i world pipeline) and/or config overrides as section.field=value."),
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Built-in models: teacher model directory (a pretrain run or its model/)."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher",
+        help="Built-in models: teacher model directory (a pretrain run or its model/)."),
     student: Optional[Path] = typer.Option(None, "--student", help="Built-in models: student model directory (a distill run)."),
     out: Path = typer.Option(Path("runs/eval"), "--out", help="Report directory."),
     config: Optional[str] = typer.Option(None, "--config", help="Config file for data and eval settings."),
@@ -160,8 +161,10 @@ def sample(
     pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Diffusers LoRA: base pipeline (default: the run's model.pretrained)."),
     lora_scale: float = typer.Option(1.0, "--lora-scale", help="Diffusers LoRA: adapter scale (1 to 1.75 suits few steps)."),
     seed: int = typer.Option(0, "--seed"),
-    height: Optional[int] = typer.Option(None, "--height", help="Diffusers LoRA: pixels (default: the training cache's, else the pipeline's)."),
-    width: Optional[int] = typer.Option(None, "--width", help="Diffusers LoRA: pixels (default: the training cache's, else the pipeline's)."),
+    height: Optional[int] = typer.Option(None, "--height",
+        help="Diffusers LoRA: pixels (default: the training cache's, else the pipeline's)."),
+    width: Optional[int] = typer.Option(None, "--width",
+        help="Diffusers LoRA: pixels (default: the training cache's, else the pipeline's)."),
     out: Path = typer.Option(Path("samples.npz"), "--out", help="Built-in: .npz (+ .png beside it); diffusers: image path."),
 ) -> None:
     """Sample with N Euler steps: a built-in model (samples in data space + a picture) or a stock diffusers
@@ -236,8 +239,10 @@ def prepare(
 @app.command()
 def bench(
     data: str = typer.Option(..., "--data", help="checkerboard or digits (data with a bundled teacher)."),
-    methods: Optional[List[str]] = typer.Option(None, "--methods", help="Repeat to choose: scfm, progressive, consistency, reflow, shortcut, meanflow (default: all)."),
-    solvers: Optional[List[str]] = typer.Option(None, "--solvers", help="Repeat to choose: euler, heun, midpoint, dpmsolver++, unipc (default: all)."),
+    methods: Optional[List[str]] = typer.Option(None, "--methods",
+        help="Repeat to choose: scfm, progressive, consistency, reflow, shortcut, meanflow (default: all)."),
+    solvers: Optional[List[str]] = typer.Option(None, "--solvers",
+        help="Repeat to choose: euler, heun, midpoint, dpmsolver++, unipc (default: all)."),
     budget: Optional[str] = typer.Option(None, "--budget", help="A named budget: checkerboard, digits or quick (default: the data's)."),
     out: Path = typer.Option(Path("runs/bench"), "--out", help="Output directory (report.md, metrics.json, a plot)."),
     workers: int = typer.Option(2, "--workers", help="Training runs in parallel, one torch thread each."),
@@ -265,7 +270,8 @@ def bench(
 
 @app.command()
 def demo(
-    data: str = typer.Option("digits", "--data", help="digits, t2i (the text-to-image proving ground), a toy (checkerboard, 8gaussians, moons, spirals, rings) or a .npz file."),
+    data: str = typer.Option("digits", "--data",
+        help="digits, t2i (the text-to-image proving ground), a toy (checkerboard, 8gaussians, moons, spirals, rings) or a .npz file."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output directory."),
     teacher_steps: int = typer.Option(8000, "--teacher-steps", help="Flow-matching steps when no bundled teacher exists."),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP + " Applied to the distillation."),
