@@ -296,8 +296,8 @@ def plot_bench(rows: list[dict], metric: str, path: Path) -> Path:
     if floor and floor[0] > 0:
         ax.axhline(floor[0], color="grey", lw=1, ls=":", label=f"data floor ({floor[0]:.3g})")
     ax.set_xscale("log", base=2)
-    ticks = sorted({r["nfe"] for points in series.values() for r in points})
-    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ticks = sorted({r["nfe"] for points in series.values() for r in points if r["nfe"] & (r["nfe"] - 1) == 0})
+    ax.set_xticks(ticks, [str(t) for t in ticks])  # powers of two (Heun's odd NFEs sit between them)
     if positive:
         ax.set_yscale("log")
     ax.set_xlabel("network evaluations per sample (NFE)")
