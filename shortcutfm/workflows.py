@@ -48,7 +48,12 @@ def run_training(config: Config, *, resume: bool = False, overwrite: bool = Fals
 
             if is_world_pipeline(config.model.pretrained):  # the proving ground: select on images, not latents
                 setup.evaluate = selection_evaluator(config, setup.student, setup.data.cache, cache_dir() / "t2i")
-        return train(config, setup, resume=resume, overwrite=overwrite, progress=progress)
+        result = train(config, setup, resume=resume, overwrite=overwrite, progress=progress)
+        if config.train.mode == "distill" and int(os.environ.get("RANK", "0")) == 0:
+            from .model_card import write_model_card
+
+            write_model_card(result.model_dir, config, result.state)
+        return result
     split = load_split(config)
     judge = None
     if config.train.mode == "distill" and config.eval.every:

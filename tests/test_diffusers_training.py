@@ -217,6 +217,14 @@ def test_cli_few_shot_prepare_train_sample(flux_pipe_dir, tmp_path):
     assert (run / "model" / STUDENT_WEIGHTS).is_file() and (run / "model" / EMA_WEIGHTS).is_file()
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["pretrained"] == str(flux_pipe_dir)
+    # the model card, in the Hub's format: metadata a Hub page reads, and how to sample the LoRA
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run / "model" / "README.md")
+    assert card.data.base_model == str(flux_pipe_dir) and card.data.library_name == "diffusers"
+    assert "lora" in card.data.tags and "scfm" in card.data.tags
+    assert f"--steps {saved['eval']['select_steps']}" in card.text and "FluxPipeline.from_pretrained" in card.text
+    assert "| step | metric | value |" in card.text
 
     out = tmp_path / "img.png"
     sampled = invoke(["sample", str(run), "--prompt", "a cat", "--steps", "3", "--out", str(out)])
