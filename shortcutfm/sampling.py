@@ -115,7 +115,7 @@ def sample_diffusers(
     """Generate images with the stock pipeline plus the exported SCFM LoRA; one PNG per prompt."""
     import yaml
 
-    from .models.diffusers import sample_with_pipeline
+    from .models.diffusers import fuse_lora, sample_with_pipeline
 
     config_path = lora_dir.parent / "config.yaml"  # the run's config, beside model/, final/ and best/
     run_config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
@@ -130,11 +130,12 @@ def sample_diffusers(
     extra = {"max_sequence_length": layout["max_sequence_length"]} if layout else {}
     pipe = load_pipeline(pretrained)
     pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS, adapter_name="scfm")
+    fuse_lora(pipe, "scfm", lora_scale)  # N steps cost N base passes
     height = height or (layout["height"] if layout else pipe.default_sample_size * pipe.vae_scale_factor)
     width = width or (layout["width"] if layout else pipe.default_sample_size * pipe.vae_scale_factor)
     generator = torch.Generator("cpu").manual_seed(seed)
     images = sample_with_pipeline(
-        pipe, prompts, num_steps=steps, shift=shift, lora_scale=lora_scale, guidance=guidance,
+        pipe, prompts, num_steps=steps, shift=shift, lora_scale=1.0, guidance=guidance,  # the scale is fused in
         generator=generator, height=height, width=width, output_type="pil", **extra,
     )
     out = Path(out)

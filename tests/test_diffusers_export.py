@@ -91,3 +91,25 @@ def test_flux_dynamic_grid_and_guidance_value():
     assert get_family("sd3").guidance.pipeline_kwargs(2.0) == {"guidance_scale": 3.0}
     with pytest.raises(ValueError, match="latents="):
         sample_with_pipeline(pipe, PROMPTS, num_steps=2)
+
+
+def test_fused_lora_samples_like_the_unfused_one_with_plain_base_passes(tmp_path):
+    """fuse_lora folds the LoRA at its scale into the base: the same samples as the unfused LoRA at that scale,
+    and no adapter layer is left, so each step is one plain transformer pass."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from shortcutfm.models.diffusers import fuse_lora
+
+    family = "sd3"
+    pipe = tiny_pipeline(family)
+    student, _ = trained_student(family, pipe)
+    export_lora(student, tmp_path)
+    kwargs = dict(num_steps=3, latents=tiny_latents(family, batch=2, seed=5), max_sequence_length=SEQUENCE_LENGTH[family])
+    pipe.load_lora_weights(tmp_path, adapter_name="scfm")
+    unfused = sample_with_pipeline(pipe, PROMPTS, lora_scale=1.3, **kwargs)
+    fuse_lora(pipe, "scfm", 1.3)
+    assert not any(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules())
+    fused = sample_with_pipeline(pipe, PROMPTS, lora_scale=1.0, **kwargs)
+    torch.testing.assert_close(fused, unfused, atol=1e-4, rtol=1e-4)
+    base = tiny_pipeline(family)  # and the fusion is not a no-op
+    assert (sample_with_pipeline(base, PROMPTS, **kwargs) - fused).abs().max() > 1e-2

@@ -52,11 +52,11 @@ def load_world_pipeline(path: str | Path):
 def fused_lora_transformer(pipeline_dir: str | Path, lora_dir: str | Path, lora_scale: float = 1.0,
                            weight_name: str = "pytorch_lora_weights.safetensors"):
     """The pipeline's transformer with the LoRA file fused in at ``lora_scale`` (no adapter left)."""
+    from ..models.diffusers import fuse_lora
+
     pipe = load_world_pipeline(pipeline_dir)
     pipe.load_lora_weights(str(lora_dir), weight_name=weight_name, adapter_name="scfm")
-    pipe.fuse_lora(lora_scale=lora_scale, adapter_names=["scfm"])
-    pipe.unload_lora_weights()
-    return pipe.transformer.eval().requires_grad_(False)
+    return fuse_lora(pipe, "scfm", lora_scale).transformer.eval().requires_grad_(False)
 
 
 @dataclass

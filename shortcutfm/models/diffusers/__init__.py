@@ -21,7 +21,7 @@ from .families import (
     load_transformer,
 )
 from .guidance import EmbeddedGuidance, RealGuidance
-from .inference import sample_with_pipeline, sampling_grid
+from .inference import fuse_lora, sample_with_pipeline, sampling_grid
 from .lora_student import FAST_EMA, SLOW_EMA, STUDENT, LoraSettings, LoraStudent
 
 __all__ = [
@@ -30,6 +30,6 @@ __all__ = [
     "FAMILIES", "FLUX", "LUMINA2", "SD3", "DiffusersVelocity", "FluxVelocity", "Lumina2Velocity", "ModelFamily",
     "PromptEncoding", "SD3Velocity", "family_of_pipeline", "get_family", "load_transformer",
     "EmbeddedGuidance", "RealGuidance",
-    "sample_with_pipeline", "sampling_grid",
+    "sample_with_pipeline", "sampling_grid", "fuse_lora",
     "FAST_EMA", "SLOW_EMA", "STUDENT", "LoraSettings", "LoraStudent",
 ]
