@@ -23,18 +23,7 @@ from torch import nn
 from ..core.grids import sigma_grid
 from ..core.samplers import euler_sample
 
-__all__ = ["FewStepMethod", "column", "interpolate"]
-
-
-def column(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``sigma`` (B,) shaped to broadcast against ``x`` (B, ...)."""
-    return sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-
-
-def interpolate(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The point ``(1 - sigma) x0 + sigma noise`` of each row's straight path."""
-    s = column(sigma, x0)
-    return (1 - s) * x0 + s * noise
+__all__ = ["FewStepMethod", "uniform_times"]
 
 
 class FewStepMethod:
@@ -74,5 +63,6 @@ class FewStepMethod:
         self.student.load_state_dict(state)
 
 
-def uniform_times(batch: int, generator: torch.Generator, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
-    return low + (high - low) * torch.rand(batch, generator=generator)
+def uniform_times(batch: int, generator: torch.Generator) -> torch.Tensor:
+    """``batch`` times drawn uniformly in [0, 1)."""
+    return torch.rand(batch, generator=generator)

@@ -19,19 +19,19 @@ import copy
 import torch
 
 from ..core.grids import sigma_grid
-from ..core.velocity import batch_sigma
-from .base import FewStepMethod, column, interpolate
+from ..core.velocity import batch_sigma, expand_like, interpolate
+from .base import FewStepMethod
 
 
 def consistency_function(network, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
     """``f(x, t) = x - t F(x, t)``: the data point the network maps ``x`` at time ``t`` to."""
-    return x - column(t, x) * network(x, t, **cond)
+    return x - expand_like(t, x) * network(x, t, **cond)
 
 
 @torch.no_grad()
 def consistency_target(ema, teacher, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, **cond) -> torch.Tensor:
     """The EMA's consistency function at the point one teacher Euler step from ``(x, t)`` to ``t_prev``."""
-    x_prev = x + column(t_prev - t, x) * teacher(x, t, **cond)
+    x_prev = x + expand_like(t_prev - t, x) * teacher(x, t, **cond)
     return consistency_function(ema, x_prev, t_prev, **cond)
 
 

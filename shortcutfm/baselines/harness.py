@@ -15,7 +15,7 @@ import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -183,21 +183,26 @@ def bench_context(data: str, budget: Budget, cache_dir: Path) -> BenchContext:
     if budget.reference_samples:
         keep = torch.randperm(len(split.holdout), generator=torch.Generator().manual_seed(0))[:budget.reference_samples]
         holdout = split.holdout
-        split = DataSplit(split.train, type(holdout)(holdout.x[keep], None if holdout.y is None else holdout.y[keep],
-                                                     holdout.num_classes, holdout.kind, holdout.name,
-                                                     holdout.normalization))
+        split = DataSplit(split.train, replace(holdout, x=holdout.x[keep], y=None if holdout.y is None else holdout.y[keep]))
     teacher = load_model(teacher_dir).module.eval().requires_grad_(False)
     judge = Judge.for_data(split.train, split.holdout, cache_dir / "classifiers", seed=1234)
     return BenchContext(data, split, teacher, judge, budget)
 
 
+SELECTION_SEED = 4321  # the selection noise; the sweep's is 1234
+
+
+def _selection(context: BenchContext) -> Selection:
+    samples = SampleSet.draw(context.split.holdout, context.budget.eval_samples, seed=SELECTION_SEED)
+    return Selection(context.judge, context.teacher, samples, SELECTION_SEED)
+
+
 def _fit_job(args) -> FitResult:
+    """One training run in a worker process: its own data, teacher and judge (nothing shared across processes)."""
     data, name, lr, budget, cache_dir = args
     torch.set_num_threads(1)
     context = bench_context(data, budget, Path(cache_dir))
-    samples = SampleSet.draw(context.split.holdout, budget.eval_samples, seed=4321)  # not the sweep's noise
-    return fit(name, lr, context.teacher, context.split, Selection(context.judge, context.teacher, samples, 4321),
-               budget)
+    return fit(name, lr, context.teacher, context.split, _selection(context), budget)
 
 
 def run_bench(data: str, out_dir: Path, *, methods: tuple[str, ...] = METHODS, solvers: tuple[str, ...] = SOLVERS,
@@ -223,8 +228,10 @@ def run_bench(data: str, out_dir: Path, *, methods: tuple[str, ...] = METHODS, s
 
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             fits = list(tqdm(pool.map(_fit_job, jobs), total=len(jobs), desc="training", disable=not progress))
-    else:
-        fits = [_fit_job(job) for job in tqdm(jobs, desc="training", disable=not progress)]
+    else:  # in this process: the context and the teacher's selection figures serve every run
+        selection = _selection(context)
+        fits = [fit(name, lr, context.teacher, context.split, selection, budget)
+                for _, name, lr, _, _ in tqdm(jobs, desc="training", disable=not progress)]
     best = {}
     for result in fits:
         if result.method not in best or result.best_score < best[result.method].best_score:

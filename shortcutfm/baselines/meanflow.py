@@ -14,17 +14,16 @@ from __future__ import annotations
 import torch
 from torch.func import jvp
 
-from ..core.grids import sigma_grid
-from ..core.velocity import batch_sigma
-from .base import FewStepMethod, column, interpolate, uniform_times
-from .two_time import TwoTimeNetwork
+from ..core.velocity import expand_like, interpolate
+from .base import FewStepMethod, uniform_times
+from .two_time import TwoTimeNetwork, interval_euler_sample
 
 
 def meanflow_target(average_velocity, z: torch.Tensor, t: torch.Tensor, h: torch.Tensor, v: torch.Tensor):
     """``(u, target)``: ``u = average_velocity(z, t, h)`` and the identity's right side ``v - h du/dt``
     (no gradient through the target). ``average_velocity(z, t, h)`` is ``u`` over ``[t - h, t]``."""
     u, du_dt = jvp(average_velocity, (z, t, h), (v, torch.ones_like(t), torch.ones_like(h)))
-    return u, (v - column(h, z) * du_dt).detach()
+    return u, (v - expand_like(h, z) * du_dt).detach()
 
 
 class MeanFlow(FewStepMethod):
@@ -49,10 +48,5 @@ class MeanFlow(FewStepMethod):
         u, target = meanflow_target(lambda z_, t_, h_: self.student(z_, t_, h_, **cond), z, t, t - r, v)
         return (u - target).pow(2).mean()
 
-    @torch.no_grad()
     def sample(self, noise, num_steps, cond, generator):
-        grid = sigma_grid(num_steps, 1.0, dtype=noise.dtype).tolist()
-        x = noise
-        for t, t_next in zip(grid[:-1], grid[1:]):
-            x = x + (t_next - t) * self.student(x, batch_sigma(t, x), batch_sigma(t - t_next, x), **cond)
-        return x
+        return interval_euler_sample(self.student, noise, num_steps, cond)

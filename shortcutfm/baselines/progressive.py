@@ -19,17 +19,19 @@ import math
 import torch
 
 from ..core.grids import sigma_grid
-from ..core.velocity import batch_sigma
-from .base import FewStepMethod, column, interpolate
+from ..core.velocity import expand_like, interpolate
+from .base import FewStepMethod
+
+__all__ = ["ProgressiveDistillation", "two_step_target"]
 
 
 @torch.no_grad()
 def two_step_target(teacher, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, **cond) -> torch.Tensor:
     """The velocity whose single Euler step from ``(x, t)`` to ``t_next`` equals two teacher Euler steps."""
     t_mid = (t + t_next) / 2
-    x_mid = x + column(t_mid - t, x) * teacher(x, t, **cond)
-    x_end = x_mid + column(t_next - t_mid, x) * teacher(x_mid, t_mid, **cond)
-    return (x_end - x) / column(t_next - t, x)
+    x_mid = x + expand_like(t_mid - t, x) * teacher(x, t, **cond)
+    x_end = x_mid + expand_like(t_next - t_mid, x) * teacher(x_mid, t_mid, **cond)
+    return (x_end - x) / expand_like(t_next - t, x)
 
 
 class ProgressiveDistillation(FewStepMethod):
@@ -61,5 +63,3 @@ class ProgressiveDistillation(FewStepMethod):
             self.stage_teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
             self.stage += 1
 
-
-__all__ = ["ProgressiveDistillation", "two_step_target", "batch_sigma"]

@@ -15,7 +15,8 @@ import torch
 
 from ..core.grids import sigma_grid
 from ..core.samplers import euler_sample
-from .base import FewStepMethod, interpolate, uniform_times
+from ..core.velocity import interpolate
+from .base import FewStepMethod, uniform_times
 
 
 @torch.no_grad()

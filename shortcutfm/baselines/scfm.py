@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..core.ema import EMASchedule
 from ..core.jumps import JumpSampling, sample_jumps
-from ..core.targets import TargetVelocities, scfm_loss, scfm_targets
+from ..core.targets import scfm_loss, scfm_targets
 from ..models.student import FullStudent
 from .base import FewStepMethod
 
@@ -22,9 +22,8 @@ class SCFM(FewStepMethod):
         super().__init__(teacher)
         self.jumps = jumps or JumpSampling()
         self.full = FullStudent(self.student, ema or EMASchedule(), teacher=False)
-        self.full.teacher = self.teacher
-        raw = self.full.target_velocities()
-        self.targets = TargetVelocities(teacher=self.teacher, fast_ema=raw.fast_ema, slow_ema=raw.slow_ema)
+        self.full.teacher = self.teacher  # the frozen teacher the base class made (FullStudent would copy another)
+        self.targets = self.full.target_velocities()  # teacher, fast EMA, slow EMA
 
     def loss(self, x0, noise, cond, generator, step):
         jumps = sample_jumps(len(x0), self.jumps, generator, num_tokens=None, allow_teacher=True)

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from ..core.grids import sigma_grid
-from ..core.velocity import batch_sigma
-from .base import FewStepMethod, column, interpolate, uniform_times
-from .two_time import TwoTimeNetwork
+from ..core.velocity import expand_like, interpolate, select_rows
+from .base import FewStepMethod, uniform_times
+from .two_time import TwoTimeNetwork, interval_euler_sample
 
 DYADIC = [2.0**-k for k in range(1, 7)]  # 1/2 .. 1/64: the step sizes 2d that self-consistency rows learn
 
@@ -27,7 +26,7 @@ DYADIC = [2.0**-k for k in range(1, 7)]  # 1/2 .. 1/64: the step sizes 2d that s
 def self_consistency_target(network, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, **cond) -> torch.Tensor:
     """The velocity of a ``2d`` step as the mean of two ``d`` steps of ``network`` itself."""
     first = network(x, t, d, **cond)
-    x_mid = x - column(d, x) * first
+    x_mid = x - expand_like(d, x) * first
     second = network(x_mid, t - d, d, **cond)
     return (first + second) / 2
 
@@ -49,7 +48,7 @@ class ShortcutModel(FewStepMethod):
         # flow rows (d = 0): the teacher's velocity
         t = uniform_times(batch - k, generator)
         x = interpolate(x0[k:], noise[k:], t)
-        rest = {name: value[k:] for name, value in cond.items()}
+        rest = select_rows(cond, slice(k, None))
         with torch.no_grad():
             flow_target = self.teacher(x, t, **rest)
         flow = (self.student(x, t, torch.zeros_like(t), **rest) - flow_target).pow(2).sum()
@@ -60,17 +59,11 @@ class ShortcutModel(FewStepMethod):
         cells = torch.floor(torch.rand(k, generator=generator) / big).clamp(min=0) + 1  # 1 .. 1/(2d)
         t_sc = (cells * big).clamp(max=1.0)
         d = big / 2
-        head = {name: value[:k] for name, value in cond.items()}
+        head = select_rows(cond, slice(None, k))
         x_sc = interpolate(x0[:k], noise[:k], t_sc)
         target = self_consistency_target(self.student, x_sc, t_sc, d, **head)
         consistency = (self.student(x_sc, t_sc, big, **head) - target).pow(2).sum()
         return (flow + consistency) / x0.numel()
 
-    @torch.no_grad()
     def sample(self, noise, num_steps, cond, generator):
-        grid = sigma_grid(num_steps, 1.0, dtype=noise.dtype).tolist()
-        x = noise
-        for t, t_next in zip(grid[:-1], grid[1:]):
-            step = batch_sigma(t - t_next, x)
-            x = x + (t_next - t) * self.student(x, batch_sigma(t, x), step, **cond)
-        return x
+        return interval_euler_sample(self.student, noise, num_steps, cond)

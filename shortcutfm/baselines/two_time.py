@@ -12,9 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.grids import sigma_grid
+from ..core.velocity import batch_sigma
 from ..models.embeddings import SigmaEmbedding
 
-__all__ = ["TwoTimeNetwork"]
+__all__ = ["TwoTimeNetwork", "interval_euler_sample"]
 
 
 class _SummedEmbedding(nn.Module):
@@ -52,3 +54,14 @@ class TwoTimeNetwork(nn.Module):
             return self.network(x, sigma, **cond)
         finally:
             self.second = None
+
+
+@torch.no_grad()
+def interval_euler_sample(network: TwoTimeNetwork, noise: torch.Tensor, num_steps: int, cond) -> torch.Tensor:
+    """``num_steps`` uniform Euler steps of a two-time network whose second input is the step's length (the
+    shortcut model's ``d``, MeanFlow's ``t - r``): ``x <- x + (t' - t) net(x, t, t - t')``."""
+    grid = sigma_grid(num_steps, 1.0, dtype=noise.dtype).tolist()
+    x = noise
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        x = x + (t_next - t) * network(x, batch_sigma(t, x), batch_sigma(t - t_next, x), **cond)
+    return x
