@@ -130,13 +130,12 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     missing = [f for f in required if not (path / f).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); {_EARLIER}")
-    meta = _read_json(path / "optimizer.json")
+    meta, optimizer_tensors = _read_json(path / "optimizer.json"), _read_tensors(path / "optimizer.safetensors")
+    trainer_json = _read_json(path / "trainer_state.json")
     try:
-        optimizer = unflatten_optimizer(_read_tensors(path / "optimizer.safetensors"), meta)
-        trainer_state = TrainerState(**_read_json(path / "trainer_state.json"))
+        optimizer = unflatten_optimizer(optimizer_tensors, meta)
+        trainer_state = TrainerState(**trainer_json)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
-        if isinstance(error, CheckpointError):
-            raise
         raise CheckpointError(f"checkpoint {path} has malformed optimizer or trainer state ({error}); {_EARLIER}") from None
     return LoadedCheckpoint(
         path=path,

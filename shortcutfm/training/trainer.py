@@ -129,16 +129,24 @@ def _all_ranks(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(value, reduction="sum").item() == 0)
 
 
-def _lock_run_dir(accelerator: Accelerator, stack: ExitStack, run_dir: Path) -> None:
-    """The main process locks the output folder for the whole run; every rank stops if it is held elsewhere."""
-    refusal = None
+def _on_main_process(accelerator: Accelerator, action, errors: type[Exception] | tuple, elsewhere: Exception) -> None:
+    """Run ``action()`` on the main process only. If it raises one of ``errors``, every rank raises too (the main
+    process its own error, the others ``elsewhere``), so no rank waits forever for the main one."""
+    failure = None
     if accelerator.is_main_process:
         try:
-            stack.enter_context(folder_lock(run_dir, what="training run", instead="another train.output_dir"))
-        except FolderLocked as error:
-            refusal = error
-    if not _all_ranks(accelerator, refusal is None):
-        raise refusal or FolderLocked(f"{run_dir} is in use by another process (see the main process's message)")
+            action()
+        except errors as error:
+            failure = error
+    if not _all_ranks(accelerator, failure is None):
+        raise failure or elsewhere
+
+
+def _lock_run_dir(accelerator: Accelerator, stack: ExitStack, run_dir: Path) -> None:
+    """The main process locks the output folder for the whole run; every rank stops if it is held elsewhere."""
+    _on_main_process(
+        accelerator, lambda: stack.enter_context(folder_lock(run_dir, what="training run", instead="another train.output_dir")),
+        FolderLocked, FolderLocked(f"{run_dir} is in use by another process (see the main process's message)"))
 
 
 def _resume(accelerator, run_dir: Path, student, optimizer) -> TrainerState:
@@ -189,9 +197,9 @@ def _existing_run(run_dir: Path) -> str | None:
     return f"{', '.join(present)}" if present else None
 
 
-def _clear_for_fresh_run(accelerator, run_dir: Path, resume: bool, overwrite: bool) -> None:
+def _clear_for_fresh_run(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """A fresh run never mixes with (nor prunes away) another run's checkpoints: refuse, or delete with overwrite."""
-    if resume or not accelerator.is_main_process:
+    if resume:
         return
     existing = _existing_run(run_dir)
     if existing is None:
@@ -217,13 +225,8 @@ def train(config: Config, setup: TrainingSetup, *, resume: bool = False, overwri
     accelerator = _build_accelerator(config, run_dir)
     with ExitStack() as stack:
         _lock_run_dir(accelerator, stack, run_dir)
-        refusal = None
-        try:
-            _clear_for_fresh_run(accelerator, run_dir, resume, overwrite)
-        except ExistingRunError as error:
-            refusal = error
-        if not _all_ranks(accelerator, refusal is None):
-            raise refusal or ExistingRunError(f"{run_dir} holds another run (see the main process's message)")
+        _on_main_process(accelerator, lambda: _clear_for_fresh_run(run_dir, resume, overwrite), ExistingRunError,
+                         ExistingRunError(f"{run_dir} holds another run (see the main process's message)"))
         return _train_locked(config, setup, accelerator, run_dir, resume=resume, progress=progress)
 
 
@@ -309,26 +312,21 @@ def _loop(config, setup, accelerator, run_dir, state, optimizer, student_velocit
             prediction = student_velocity(batch.x, batch.sigma, **cond)
         result = scfm_loss(prediction, batch)
         last_loss, last_norm = result.loss.item(), None
-        if not _all_ranks(accelerator, math.isfinite(last_loss)):
-            optimizer.zero_grad(set_to_none=True)
-            if config.train.on_nonfinite == "stop":
-                raise NonFiniteError(_nonfinite_message(step, last_loss, None, run_dir, attempt))
-            attempt += 1
-            state.skipped += 1
-            continue
-        accelerator.backward(result.loss)
-        # clip_grad_norm_ also unscales fp16 gradients; max_norm=inf when clipping is off (the norm is still read)
-        last_norm = float(accelerator.clip_grad_norm_(params, max_norm))
-        if not math.isfinite(last_norm) and scaler is None:  # gradients are all-reduced: every rank agrees
+        finite = _all_ranks(accelerator, math.isfinite(last_loss))  # checked before backward: ranks agree first
+        if finite:
+            accelerator.backward(result.loss)
+            # clip_grad_norm_ also unscales fp16 gradients; max_norm=inf when clipping is off (the norm is still read)
+            last_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+            # gradients are all-reduced, so every rank agrees; with fp16 the scaler handles an overflow below
+            finite = math.isfinite(last_norm) or scaler is not None
+        if not finite:
             optimizer.zero_grad(set_to_none=True)
             if config.train.on_nonfinite == "stop":
                 raise NonFiniteError(_nonfinite_message(step, last_loss, last_norm, run_dir, attempt))
-            attempt += 1
-            state.skipped += 1
-            continue
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler lowered its scale; redo the step
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not finite or accelerator.optimizer_step_was_skipped:  # redo the step (fp16: at the lowered scale)
             attempt += 1
             state.skipped += 1
             continue
@@ -367,8 +365,8 @@ def _evaluate_and_keep_best(accelerator, setup, state, run_dir, bar) -> None:
 
 def _checkpoint(accelerator, config, setup, optimizer, state, run_dir) -> None:
     accelerator.wait_for_everyone()
-    failure = None
-    if accelerator.is_main_process:
+
+    def write() -> None:
         try:
             save_checkpoint(
                 run_dir,
@@ -381,10 +379,10 @@ def _checkpoint(accelerator, config, setup, optimizer, state, run_dir) -> None:
                 extra_files={"config.yaml": (run_dir / "config.yaml").read_text()},
             )
         except WriteError as error:
-            failure = WriteError(error.errno, f"step {state.step}: {error.strerror}; {_last_good(run_dir)} "
-                                              "(resume from it with --resume)")
-        else:
-            prune_checkpoints(run_dir, config.train.keep_checkpoints)
-    if not _all_ranks(accelerator, failure is None):
-        raise failure or WriteError(0, f"step {state.step}: the main process could not write the checkpoint")
+            raise WriteError(error.errno, f"step {state.step}: {error.strerror}; {_last_good(run_dir)} "
+                                          "(resume from it with --resume)") from error
+        prune_checkpoints(run_dir, config.train.keep_checkpoints)
+
+    _on_main_process(accelerator, write, WriteError,
+                     WriteError(0, f"step {state.step}: the main process could not write the checkpoint"))
     accelerator.wait_for_everyone()
