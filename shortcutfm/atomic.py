@@ -135,10 +135,3 @@ def copy_dir_atomic(source: str | Path, target: str | Path, *, what: str = "") -
     with atomic_path(target, directory=True, what=what) as temporary:
         shutil.copytree(source, temporary, dirs_exist_ok=True)
 
-
-def remove_temporaries(folder: str | Path) -> None:
-    """Delete what interrupted atomic writes left in ``folder`` (never a complete file)."""
-    folder = Path(folder)
-    if folder.is_dir():
-        for leftover in folder.glob(f".*{TEMP_SUFFIX}"):
-            _remove(leftover)

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_json_atomic
 from ..data import ArrayDataset
 from .metrics import frechet_distance
 
@@ -160,11 +160,6 @@ def classifier_accuracy(classifier: FeatureClassifier, x: torch.Tensor, labels: 
     return float((predicted == labels.cpu()).double().mean())
 
 
-def _write_atomically(path: Path, write) -> None:
-    with atomic_path(path, what="classifier cache") as temporary:
-        write(str(temporary))
-
-
 def _load_cached(weights: Path, sidecar: Path, key: str, train: ArrayDataset, config: ClassifierConfig):
     if not (weights.is_file() and sidecar.is_file()):
         return None
@@ -202,12 +197,13 @@ def load_or_train_classifier(
         model = train_classifier(train, config, seed)
         cache_dir.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-        _write_atomically(weights, lambda temp: save_file(state, temp, metadata={"key": key}))
+        with atomic_path(weights, what="classifier cache") as temporary:
+            save_file(state, str(temporary), metadata={"key": key})
         accuracy = classifier_accuracy(model, holdout.x, holdout.y)
         record = {"key": key, "data": train.name, "num_train": len(train), "sample_shape": list(train.sample_shape),
                   "num_classes": train.num_classes, "seed": seed, "config": asdict(config),
                   "holdout_accuracy": accuracy, "cache_version": CACHE_VERSION}
-        _write_atomically(sidecar, lambda temp: Path(temp).write_text(json.dumps(record, indent=2)))
+        write_json_atomic(sidecar, record, what="classifier cache")
         return model, accuracy
     return model, classifier_accuracy(model, holdout.x, holdout.y)
 

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_path, write_json_atomic
 from ..evaluation.metrics import frechet_distance
 from . import world
 
@@ -205,10 +206,7 @@ def load_or_train_judge(cache_dir: str | Path, config: JudgeConfig = JudgeConfig
             pass  # unreadable or stale: train again
     model = train_judge(config, progress=progress)
     accuracy = held_out_accuracy(model)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # written to temporary names and renamed, so a reader never sees half a file
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights) + ".tmp")
-    Path(str(weights) + ".tmp").replace(weights)
-    Path(str(sidecar) + ".tmp").write_text(json.dumps({"config": asdict(config), "held_out_accuracy": accuracy}, indent=2))
-    Path(str(sidecar) + ".tmp").replace(sidecar)
+    with atomic_path(weights, what="judge cache") as temporary:  # a reader never sees half a file
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(temporary))
+    write_json_atomic(sidecar, {"config": asdict(config), "held_out_accuracy": accuracy}, what="judge cache")
     return model, accuracy

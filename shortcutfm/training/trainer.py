@@ -194,7 +194,7 @@ def _existing_run(run_dir: Path) -> str | None:
     if found is not None:
         return f"checkpoints up to {found.name}"
     present = [name for name in RUN_OUTPUTS[1:] if (run_dir / name).exists()]
-    return f"{', '.join(present)}" if present else None
+    return ", ".join(present) or None
 
 
 def _clear_for_fresh_run(run_dir: Path, resume: bool, overwrite: bool) -> None:
