@@ -24,7 +24,6 @@ from diffusers import FluxTransformer2DModel
 
 from shortcutfm.core import EMASchedule, JumpBatch, euler_sample, sample_jumps, scfm_loss, scfm_targets
 from shortcutfm.core.jumps import FLOW, TEACHER
-from shortcutfm.core.targets import TargetVelocities
 from shortcutfm.core.velocity import expand_like, interpolate
 from shortcutfm.models.diffusers import FLUX, LoraSettings, LoraStudent, adapter_tensors, sampling_grid
 
@@ -174,11 +173,8 @@ class OursStep:
         autocast_forward_(self.student.module, settings)
         self.params = list(self.student.trainable_tensors().values())
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=0.0)
-        raw = self.student.target_velocities()
-        wrap = self.student.wrap
-        self.targets_from = TargetVelocities(teacher=wrap(raw.teacher), fast_ema=wrap(raw.fast_ema),
-                                             slow_ema=wrap(raw.slow_ema))
-        self.student_velocity = wrap(self.student.module)
+        self.targets_from = self.student.target_velocities()
+        self.student_velocity = self.student.velocity()
 
     def step(self, step: int, x0: torch.Tensor, inputs: StepInputs) -> float:
         batch = scfm_targets(x0, inputs.noise, inputs.jumps, self.targets_from, inputs.cond)

@@ -21,6 +21,7 @@ import yaml
 from .atomic import write_text_atomic
 from .core.ema import EMASchedule
 from .core.jumps import JumpSampling
+from .lora_settings import LoraSettings
 
 
 class ConfigError(ValueError):
@@ -76,21 +77,6 @@ class ModelConfig:
         for name in ("width", "depth", "channels", "blocks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-
-
-@dataclass
-class LoraConfig:
-    rank: int = 64
-    """LoRA rank (the paper: 64)."""
-    alpha: float = 64.0
-    """LoRA alpha (the paper: 64)."""
-    target_modules: tuple[str, ...] = ()
-    """Module names to adapt; empty = the family's default (nearly every linear layer)."""
-
-    def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
-        if self.rank < 1:
-            raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
 
 
 @dataclass
@@ -191,7 +177,7 @@ class EvalConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     jumps: JumpSampling = field(default_factory=JumpSampling)
     ema: EMASchedule = field(default_factory=EMASchedule)
     optim: OptimConfig = field(default_factory=OptimConfig)

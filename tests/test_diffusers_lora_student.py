@@ -160,12 +160,11 @@ def test_one_scfm_step_with_cfg_trains_only_the_student():
     perturb(student.trainable_tensors(), 5)
     jumps = sample_jumps(2, SD3.jump_sampling(teacher_prob=0.5), torch.Generator().manual_seed(0))
     targets = student.target_velocities()
-    wrapped = type(targets)(*(student.wrap(v) for v in (targets.teacher, targets.fast_ema, targets.slow_ema)))
     x0, noise = tiny_latents("sd3", seed=1), tiny_latents("sd3", seed=2)
     flags = grad_flags(student.transformer)
-    batch = scfm_targets(x0, noise, jumps, wrapped, cond)
+    batch = scfm_targets(x0, noise, jumps, targets, cond)
     assert grad_flags(student.transformer) == flags
-    loss = scfm_loss(student.wrap(student.module)(batch.x, batch.sigma, **cond), batch).loss
+    loss = scfm_loss(student.velocity()(batch.x, batch.sigma, **cond), batch).loss
     loss.backward()
     with_grad = {n for n, p in student.transformer.named_parameters() if p.grad is not None}
     assert with_grad == {n for n, p in student.transformer.named_parameters() if ".student." in n}
@@ -190,7 +189,7 @@ def test_from_pretrained_loads_a_frozen_bfloat16_base(tmp_path):
                                           schedule=EMASchedule(mode="single"))
     assert student.module.base_dtype == torch.bfloat16 and student.transformer.is_gradient_checkpointing
     x, sigma, cond = inputs("sd3")
-    loss = student.wrap(student.module)(x, sigma, **cond).float().pow(2).mean()
+    loss = student.velocity()(x, sigma, **cond).float().pow(2).mean()
     loss.backward()
     assert all(p.grad is not None for p in student.trainable_tensors().values())
 
@@ -230,3 +229,46 @@ def test_adapter_switch_restores_grad_flags_peft_would_not():
     for role in (targets.teacher, targets.fast_ema, targets.slow_ema):
         role(x, sigma, **cond)
         assert grad_flags(student.transformer) == before
+
+
+def test_every_velocity_the_student_hands_out_is_guided():
+    """Guidance is the student's: its own prediction, the teacher, both EMAs and the evaluation EMA are all
+    ``v_c + w (v_c - v_u)`` of the plain passes, so no caller can forget to wrap them."""
+    cond = tiny_cond("sd3")
+    uncond = {k: v[:1] * 0 + 0.3 for k, v in cond.items()}
+    w = 2.5
+    student = make_student("sd3", uncond=uncond, guidance_scale=w)
+    perturb(student.trainable_tensors(), 6)
+    for ema in student.emas.averages():
+        perturb(ema.shadow, 7 + len(ema.shadow))
+    x, sigma = tiny_latents("sd3"), torch.tensor([0.7, 0.2])
+    empty = {k: v.expand_as(cond[k]) for k, v in uncond.items()}
+    targets = student.target_velocities()
+    handed_out = {None: targets.teacher, "student": student.velocity(), "ema_fast": targets.fast_ema,
+                  "ema_slow": targets.slow_ema}
+    for adapter, velocity in handed_out.items():
+        with torch.no_grad(), student.adapter(adapter):
+            v_cond, v_uncond = student.module(x, sigma, **cond), student.module(x, sigma, **empty)
+        with torch.no_grad():
+            torch.testing.assert_close(velocity(x, sigma, **cond), v_cond + w * (v_cond - v_uncond), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(student.ema_velocity()(x, sigma, **cond), targets.slow_ema(x, sigma, **cond))
+
+
+def test_the_authors_initialisations():
+    """lora.init=gaussian draws A from N(0, 1/r) (peft's "gaussian"); lora.ema_init=zero starts both EMA adapters
+    at A = B = 0; both students start as the teacher because B is 0."""
+    transformer = tiny_transformer("sd3")
+    student = LoraStudent(SD3.velocity(transformer), "sd3", lora=LoraSettings(rank=4, alpha=4, init="gaussian",
+                                                                            ema_init="zero"), guidance_scale=0.0)
+    a_matrices = torch.cat([t.flatten() for k, t in student.trainable_tensors().items() if "lora_A" in k])
+    assert abs(a_matrices.std().item() - 1 / 4) < 0.03  # kaiming-uniform A would have std ~ 1/sqrt(3 * fan_in)
+    assert all(t.abs().sum() == 0 for k, t in student.trainable_tensors().items() if "lora_B" in k)
+    for ema in student.emas.averages():
+        assert all(t.abs().sum() == 0 for t in ema.shadow.values())
+    x, sigma, cond = tiny_latents("sd3"), torch.tensor([0.7, 0.2]), tiny_cond("sd3")
+    targets = student.target_velocities()
+    with torch.no_grad():
+        torch.testing.assert_close(student.velocity()(x, sigma, **cond), targets.teacher(x, sigma, **cond))
+        torch.testing.assert_close(targets.slow_ema(x, sigma, **cond), targets.teacher(x, sigma, **cond))
+    with pytest.raises(ValueError, match="lora.init"):
+        LoraSettings(init="orthogonal")

@@ -30,20 +30,24 @@ class Student(Protocol):
     """What the trainer needs from a student.
 
     * ``module``: the trainable ``nn.Module`` (velocity contract) that ``accelerate.prepare`` wraps;
-    * ``wrap``: applied to every velocity used in training and sampling (e.g. classifier-free guidance), so
-      student and targets use the same guided velocity (docs/method.md, "Guidance");
     * ``emas``: the student's EMAs, updated by the trainer after each optimiser step;
     * ``trainable_tensors()``: the live trainable tensors by name (what the EMAs average);
-    * ``target_velocities()``: unguided teacher / fast-EMA / slow-EMA callables (the trainer wraps them);
-    * ``ema_velocity()``: the slow EMA as a velocity model (for evaluation);
+    * ``velocity(module)``: the student's own prediction through ``module`` (default: ``self.module``; the trainer
+      passes the accelerate-wrapped one), with the student's guidance applied;
+    * ``target_velocities()``: teacher / fast-EMA / slow-EMA callables, with the same guidance applied;
+    * ``ema_velocity()``: the slow EMA as a guided velocity model (for evaluation);
+
+    Guidance (e.g. classifier-free guidance, docs/method.md "Guidance") is the student's business: every velocity
+    it hands out is already guided, so no caller can forget it.
     * ``state_dict()`` / ``load_state_dict()``: the student's trainable weights (for checkpoints).
     """
 
     module: nn.Module
-    wrap: Wrap
     emas: StudentEMAs
 
     def trainable_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def velocity(self, module: nn.Module | None = None) -> VelocityModel: ...
 
     def target_velocities(self) -> TargetVelocities: ...
 
@@ -74,12 +78,12 @@ class FullStudent:
             teacher's weights; a frozen copy becomes the teacher.
         schedule: EMA decays and mode.
         teacher: if False (from-scratch training) no teacher copy is kept.
-        wrap: guidance wrapper for training and sampling velocities.
+        guidance: applied to every velocity the student hands out (e.g. classifier-free guidance).
     """
 
-    def __init__(self, model: nn.Module, schedule: EMASchedule, *, teacher: bool = True, wrap: Wrap = no_wrap):
+    def __init__(self, model: nn.Module, schedule: EMASchedule, *, teacher: bool = True, guidance: Wrap = no_wrap):
         self.module = model
-        self.wrap = wrap
+        self._guide = guidance
         self.teacher = None
         if teacher:
             self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
@@ -92,7 +96,11 @@ class FullStudent:
         return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
     def _shadow_velocity(self, shadow: Mapping[str, torch.Tensor]) -> VelocityModel:
-        return _ShadowVelocity(self.module, shadow)
+        return self._guide(_ShadowVelocity(self.module, shadow))
+
+    def velocity(self, module: nn.Module | None = None) -> VelocityModel:
+        """The student's own guided prediction through ``module`` (default: the live module)."""
+        return self._guide(self.module if module is None else module)
 
     @torch.no_grad()
     def _follow_module_device(self) -> None:
@@ -111,10 +119,10 @@ class FullStudent:
                     ema.shadow[name] = tensor.to(device)
 
     def target_velocities(self) -> TargetVelocities:
-        """Teacher / fast-EMA / slow-EMA velocities, on the live module's device (call after moving it)."""
+        """Guided teacher / fast-EMA / slow-EMA velocities, on the live module's device (call after moving it)."""
         self._follow_module_device()
         return TargetVelocities(
-            teacher=self.teacher,
+            teacher=self._guide(self.teacher) if self.teacher is not None else None,
             fast_ema=self._shadow_velocity(self.emas.fast.shadow),
             slow_ema=self._shadow_velocity(self.emas.slow.shadow),
         )

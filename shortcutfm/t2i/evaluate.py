@@ -196,7 +196,7 @@ def selection_evaluator(config, student, cache, cache_dir: Path):
                                     **{k: v[i:i + 256] for k, v in cond.items()}).x for i in range(0, count, 256)])
         return decode(vae, latents)
 
-    teacher_images = images_of(student.wrap(student.target_velocities().teacher), 32)
+    teacher_images = images_of(student.target_velocities().teacher, 32)
 
     def evaluate(velocity):
         value = judging.fd(judge_model, images_of(velocity, config.eval.select_steps), teacher_images)

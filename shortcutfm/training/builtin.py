@@ -92,7 +92,7 @@ def builtin_setup(config: Config, split: DataSplit, judge: Judge | None) -> Trai
         module, model_dict = build_model(config.model, train.sample_shape, train.num_classes), to_dict(config.model)
     model_dict.update(label_dropout=config.model.label_dropout, guidance_scale=config.model.guidance_scale)
     wrap = guidance_wrap(train.num_classes, config.model.guidance_scale)
-    student = FullStudent(module, config.ema, teacher=distill, wrap=wrap)
+    student = FullStudent(module, config.ema, teacher=distill, guidance=wrap)
     info = ModelInfo(
         model=model_dict,
         sample_shape=list(train.sample_shape),

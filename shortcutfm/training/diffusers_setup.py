@@ -18,8 +18,8 @@ import torch
 
 from ..config import Config
 from ..core.samplers import euler_sample
-from ..models.diffusers import LoraSettings, LoraStudent, export_lora, get_family, sampling_grid
-from ..models.student import FullStudent, no_wrap
+from ..models.diffusers import LoraStudent, export_lora, get_family, sampling_grid
+from ..models.student import FullStudent
 from ..preparation import LatentCache
 from .setup import Evaluation, TrainingSetup
 
@@ -63,7 +63,7 @@ def teacher_agreement_evaluator(config: Config, student: LoraStudent, cache: Lat
 
     def evaluate(velocity) -> Evaluation:
         if "teacher" not in reference:
-            reference["teacher"] = sample(student.wrap(student.target_velocities().teacher), TEACHER_REFERENCE_STEPS)
+            reference["teacher"] = sample(student.target_velocities().teacher, TEACHER_REFERENCE_STEPS)
         x = sample(velocity, config.eval.select_steps)
         return Evaluation(f"latent_mse_to_teacher{TEACHER_REFERENCE_STEPS}@{config.eval.select_steps}",
                           (x - reference["teacher"]).square().mean().item())
@@ -131,7 +131,7 @@ def diffusers_pretrain_setup(config: Config) -> TrainingSetup:
         transformer = transformer.to(DTYPES[config.model.dtype])
     velocity = family.velocity(transformer)
     velocity.set_gradient_checkpointing(config.model.gradient_checkpointing)
-    student = FullStudent(velocity, config.ema, teacher=False, wrap=no_wrap)
+    student = FullStudent(velocity, config.ema, teacher=False)
     height, width = cache.get(torch.arange(1))["latents"].shape[-2:]
 
     def export(directory: Path, source: str) -> None:
@@ -166,7 +166,7 @@ def diffusers_setup(config: Config) -> TrainingSetup:
     student = LoraStudent.from_pretrained(
         family,
         config.model.pretrained,
-        lora=LoraSettings(rank=config.lora.rank, alpha=config.lora.alpha, target_modules=config.lora.target_modules or None),
+        lora=config.lora,
         schedule=config.ema,
         dtype=DTYPES[config.model.dtype],
         uncond=cache.uncond,

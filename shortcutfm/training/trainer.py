@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..atomic import WriteError, atomic_path, copy_dir_atomic, write_json_atomic
 from ..config import Config, save_config
 from ..core.jumps import sample_jumps
-from ..core.targets import TargetVelocities, scfm_loss, scfm_targets
+from ..core.targets import scfm_loss, scfm_targets
 from ..errors import ExistingRunError, NonFiniteError
 from ..folder_lock import FolderLocked, folder_lock
 from .checkpoint import (
@@ -77,16 +77,6 @@ class TrainResult:
     run_dir: Path
     model_dir: Path  # the deployable model (best evaluated student if evaluation ran, else the final one)
     state: TrainerState
-
-
-def _target_velocities(setup: TrainingSetup) -> TargetVelocities:
-    raw = setup.student.target_velocities()
-    wrap = setup.student.wrap
-    return TargetVelocities(
-        teacher=wrap(raw.teacher) if raw.teacher is not None else None,
-        fast_ema=wrap(raw.fast_ema),
-        slow_ema=wrap(raw.slow_ema),
-    )
 
 
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
@@ -243,8 +233,8 @@ def _train_locked(config: Config, setup: TrainingSetup, accelerator: Accelerator
     if config.train.tracker:
         accelerator.init_trackers("shortcutfm")
     module, optimizer = accelerator.prepare(student.module, optimizer)
-    student_velocity = student.wrap(module)
-    targets_from = _target_velocities(setup)
+    student_velocity = student.velocity(module)
+    targets_from = student.target_velocities()
 
     bar = tqdm(
         total=config.train.steps, initial=state.step, disable=not (progress and accelerator.is_main_process),
@@ -351,7 +341,7 @@ def _loop(config, setup, accelerator, run_dir, state, optimizer, student_velocit
 def _evaluate_and_keep_best(accelerator, setup, state, run_dir, bar) -> None:
     if accelerator.is_main_process:
         # the unwrapped module: a DDP forward on one rank alone could wait for the other ranks
-        result = setup.evaluate(setup.student.wrap(setup.student.module))
+        result = setup.evaluate(setup.student.velocity())
         state.history.append({"step": state.step, "metric": result.metric, "value": result.value})
         improved = state.best_metric is None or result.value < state.best_metric
         if improved:

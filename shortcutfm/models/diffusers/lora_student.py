@@ -16,52 +16,19 @@ the active adapter and all ``requires_grad`` flags), under ``torch.no_grad``. Th
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-from peft import LoraConfig
 
 from ...core.ema import EMASchedule, StudentEMAs
 from ...core.targets import TargetVelocities
 from ...core.velocity import VelocityModel
+from ...lora_settings import LoraSettings
 from .adapters import adapter_tensors, tuner_layers, use_adapter
 from .families import ModelFamily, get_family, load_transformer
 from .families.base import DiffusersVelocity
 
 STUDENT, FAST_EMA, SLOW_EMA = "student", "ema_fast", "ema_slow"
-
-
-@dataclass
-class LoraSettings:
-    """The LoRA of the student (and of its EMAs). Defaults follow docs/method.md (rank 64, alpha 64)."""
-
-    rank: int = 64
-    """LoRA rank r."""
-    alpha: float = 64.0
-    """LoRA alpha; the update is scaled by alpha / rank."""
-    target_modules: tuple[str, ...] | None = None
-    """peft module-name suffixes to adapt; None = the family's default (nearly every linear layer)."""
-    dropout: float = 0.0
-    """LoRA dropout on the student's input (0 keeps student, EMAs and teacher deterministic)."""
-
-    def __post_init__(self) -> None:
-        if self.target_modules is not None:
-            self.target_modules = tuple(self.target_modules)
-            if not self.target_modules:
-                raise ValueError("lora.target_modules is empty: list module names, or use None for the default")
-        if self.rank < 1:
-            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-
-    def peft_config(self, default_targets: tuple[str, ...]) -> LoraConfig:
-        return LoraConfig(
-            r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, init_lora_weights=True,
-            target_modules=list(self.target_modules or default_targets),
-        )
 
 
 class _AdapterVelocity:
@@ -130,9 +97,12 @@ class LoraStudent:
                 raise RuntimeError(f"adapter {name!r} does not mirror the student's LoRA tensors")
             with torch.no_grad():
                 for key, tensor in tensors.items():
-                    tensor.copy_(self._student[key])
+                    if self.lora.ema_init == "student":
+                        tensor.copy_(self._student[key])
+                    else:
+                        tensor.zero_()
         self.emas = StudentEMAs(schedule, slow_shadow=shadows[SLOW_EMA], fast_shadow=shadows.get(FAST_EMA))
-        self.wrap = self.family.guidance.wrap(uncond, guidance_scale)
+        self._guide = self.family.guidance.wrap(uncond, guidance_scale)
 
     @classmethod
     def from_pretrained(
@@ -172,18 +142,22 @@ class LoraStudent:
         """The student's LoRA parameters, keyed like the EMA shadows (adapter name removed)."""
         return dict(self._student)
 
+    def velocity(self, module: torch.nn.Module | None = None) -> VelocityModel:
+        """The student's own guided prediction through ``module`` (default: the unwrapped velocity adapter)."""
+        return self._guide(self.module if module is None else module)
+
     def target_velocities(self) -> TargetVelocities:
-        """Unguided teacher (adapters off), fast-EMA and slow-EMA velocities; each call runs under no_grad."""
+        """Guided teacher (adapters off), fast-EMA and slow-EMA velocities; each call runs under no_grad."""
         fast = FAST_EMA if FAST_EMA in self.ema_names else SLOW_EMA
         return TargetVelocities(
-            teacher=_AdapterVelocity(self, None),
-            fast_ema=_AdapterVelocity(self, fast),
-            slow_ema=_AdapterVelocity(self, SLOW_EMA),
+            teacher=self._guide(_AdapterVelocity(self, None)),
+            fast_ema=self._guide(_AdapterVelocity(self, fast)),
+            slow_ema=self._guide(_AdapterVelocity(self, SLOW_EMA)),
         )
 
     def ema_velocity(self) -> VelocityModel:
-        """The slow EMA as an (unguided) velocity model, for evaluation."""
-        return _AdapterVelocity(self, SLOW_EMA)
+        """The slow EMA as a guided velocity model, for evaluation."""
+        return self._guide(_AdapterVelocity(self, SLOW_EMA))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Copies of the student's LoRA tensors (the peft/diffusers keys without the ``transformer.`` prefix)."""
