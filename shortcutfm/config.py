@@ -21,6 +21,7 @@ import yaml
 from .atomic import write_text_atomic
 from .core.ema import EMASchedule
 from .core.jumps import JumpSampling
+from .family_defaults import DIFFUSERS_KINDS, FAMILY_DEFAULTS, family_defaults
 from .lora_settings import LoraSettings
 
 
@@ -61,7 +62,8 @@ class ModelConfig:
     the null label (built-in networks) or a prompt by the empty prompt (diffusers families, train.mode=pretrain)."""
     guidance_scale: float | None = None
     """Classifier-free guidance weight w (student, targets and sampling alike); None = 0 for built-in networks on
-    labelled data, the family's default for diffusers models (SD3: 3.5)."""
+    labelled data. Real-CFG families default to theirs (SD3 3.5, Lumina 2 3: shortcutfm/family_defaults.py); Flux
+    has no real CFG (its guidance input is drawn per sample in training), so the field is refused there."""
     pretrained: str = ""
     """Diffusers families: local path or hub id of the pretrained pipeline (its transformer is the teacher)."""
     dtype: str = "float32"
@@ -151,10 +153,11 @@ class EvalConfig:
     """Steps between few-step evaluations during training, which select the best checkpoint (0 = off)."""
     select_steps: int = 3
     """Euler steps of the metric that selects the best checkpoint."""
-    select_shift: float = 1.0
-    """Sampling shift of that metric."""
+    select_shift: float | str = 1.0
+    """Sampling shift of that metric and of the validation grids (diffusers families: their sampling shift, Flux
+    "dynamic"; also the shift `shortcutfm eval` sweeps LoRA runs at)."""
     num_samples: int = 2000
-    """Samples per evaluation during training."""
+    """Samples per evaluation during training (diffusers runs without validation prompts: cached prompts)."""
     sweep_steps: tuple[int, ...] = (1, 2, 3, 4, 8, 32)
     """Step counts of the final sweep."""
     sweep_shifts: tuple[float, ...] = (1.0, 3.0)
@@ -171,6 +174,39 @@ class EvalConfig:
             raise ConfigError("eval.every >= 0, eval.select_steps >= 1 and sample counts >= 2 are required")
         if any(n < 1 for n in self.sweep_steps):
             raise ConfigError(f"eval.sweep_steps must all be >= 1, got {self.sweep_steps}")
+        if isinstance(self.select_shift, str) and self.select_shift != "dynamic":
+            raise ConfigError(f'eval.select_shift must be a number or "dynamic", got {self.select_shift!r}')
+
+
+@dataclass
+class ValidationConfig:
+    prompts: tuple[str, ...] = ()
+    """Diffusers runs: validation prompts. At each validation the student samples them at ``steps`` and a grid
+    (one row per prompt, the teacher's 32-step image last) goes to RUN/validation/ and the tracker; their
+    teacher-relative latent distance at eval.select_steps selects checkpoints. Empty: no grids, and the first
+    eval.num_samples cached prompts select."""
+    prompt_file: str = ""
+    """A UTF-8 text file of validation prompts, one per line (instead of ``prompts``)."""
+    steps: tuple[int, ...] = (1, 2, 4)
+    """Student step counts shown in the grids."""
+    every: int = 0
+    """Steps between validation grids (0 = at every evaluation, eval.every; the end of training always has one)."""
+
+    def __post_init__(self) -> None:
+        self.prompts = tuple(self.prompts)
+        self.steps = tuple(self.steps)
+        if self.prompts and self.prompt_file:
+            raise ConfigError("give validation.prompts or validation.prompt_file, not both")
+        if not self.steps or any(n < 1 for n in self.steps):
+            raise ConfigError(f"validation.steps must be step counts >= 1, got {self.steps}")
+        if self.every < 0:
+            raise ConfigError(f"validation.every must be >= 0, got {self.every}")
+        if any(not p.strip() for p in self.prompts):
+            raise ConfigError("validation.prompts holds an empty prompt; remove it")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prompts or self.prompt_file)
 
 
 @dataclass
@@ -183,6 +219,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 # ---------------------------------------------------------------- strict loading
@@ -320,7 +357,57 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} must hold a mapping of sections (data:, model:, train:, ...)")
         values = _merge(values, loaded)
     values = apply_overrides(values, list(overrides or []))
-    return from_dict(Config, values)
+    model = values.get("model")
+    kind = model.get("kind", "auto") if isinstance(model, dict) else "auto"
+    if isinstance(kind, str) and kind in FAMILY_DEFAULTS:  # dataclass defaults < family < file < overrides
+        values = _merge(family_defaults(kind), values)
+    config = from_dict(Config, values)
+    check_sections(config)
+    return config
+
+
+def _changed(section: Any, name: str) -> bool:
+    default = type(section)()
+    return getattr(section, name) != getattr(default, name)
+
+
+def check_sections(config: Config) -> None:
+    """Refuse fields that have no effect for the chosen ``model.kind`` and ``train.mode`` (each field has one
+    meaning, and a silently ignored one is a trap). Raises ConfigError naming the field."""
+    kind, mode = config.model.kind, config.train.mode
+    where = f"model.kind={kind}" + (f", train.mode={mode}" if mode == "pretrain" else "")
+    unused: list[str] = []
+    if kind in DIFFUSERS_KINDS:
+        unused += [f"model.{n}" for n in ("width", "depth", "channels", "blocks") if _changed(config.model, n)]
+        unused += [f"data.{n}" for n in ("holdout_fraction", "num_toy_samples", "split_seed") if _changed(config.data, n)]
+        if config.train.teacher:
+            raise ConfigError(f"train.teacher has no effect with {where}: the teacher is model.pretrained's transformer;"
+                              " remove train.teacher")
+        if kind == "flux" and config.model.guidance_scale is not None:
+            raise ConfigError("model.guidance_scale has no effect with model.kind=flux: Flux's guidance is an input "
+                              "drawn per sample in training (sample with `shortcutfm sample`'s default 3.5); remove it")
+        if mode == "distill" and _changed(config.model, "label_dropout"):
+            unused.append("model.label_dropout (caption dropout is for train.mode=pretrain)")
+        if mode == "pretrain":
+            unused += [f"lora.{f.name}" for f in dataclasses.fields(config.lora) if _changed(config.lora, f.name)]
+            unused += [f"validation.{n}" for n in ("prompts", "prompt_file") if _changed(config.validation, n)]
+    else:
+        unused += [f"lora.{f.name}" for f in dataclasses.fields(config.lora) if _changed(config.lora, f.name)]
+        unused += [f"model.{n}" for n in ("pretrained", "dtype", "gradient_checkpointing") if _changed(config.model, n)]
+        unused += [f"validation.{f.name}" for f in dataclasses.fields(config.validation)
+                   if _changed(config.validation, f.name)]
+        if kind == "mlp":
+            unused += [f"model.{n}" for n in ("channels", "blocks") if _changed(config.model, n)]
+        if kind == "convnet":
+            unused += [f"model.{n}" for n in ("width", "depth") if _changed(config.model, n)]
+        if config.eval.select_shift == "dynamic":
+            raise ConfigError('eval.select_shift="dynamic" needs a diffusers family (it depends on the image size); '
+                              "give a number")
+        if mode == "pretrain" and config.train.teacher:
+            unused.append("train.teacher (train.mode=pretrain trains from scratch)")
+    if unused:
+        raise ConfigError(f"{', '.join(unused)}: no effect with {where}; remove "
+                          + ("it" if len(unused) == 1 else "them"))
 
 
 def _merge(base: dict, update: dict) -> dict:

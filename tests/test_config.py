@@ -41,7 +41,8 @@ def test_yaml_quirks_are_read_as_meant():
 
 
 def test_round_trip_through_yaml(tmp_path):
-    config = load_config(overrides=["train.steps=123", "jumps.self_grids=[2,4]", "lora.target_modules=[to_q]"])
+    config = load_config(overrides=["model.kind=sd3", "model.pretrained=p", "train.steps=123", "jumps.self_grids=[2,4]",
+                                    "lora.target_modules=[to_q]", "validation.prompts=[a red circle]"])
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
 
@@ -62,3 +63,58 @@ def test_bad_files(tmp_path):
     listing.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(listing)
+
+
+def test_family_defaults_feed_every_config_of_the_family(tmp_path):
+    """A hand-written Flux config without the preset gets Flux's dynamic shift and clipping; the file and the
+    overrides still win over the family, and the saved config records the resolved values."""
+    hand_written = tmp_path / "flux.yaml"
+    hand_written.write_text("model:\n  kind: flux\n  pretrained: some/flux\ntrain:\n  steps: 10\n")
+    config = load_config(hand_written)
+    assert config.jumps.alt_shift == "dynamic" and config.jumps.shift_range == (2.5, 4.5)
+    assert config.optim.grad_clip == 10.0 and config.eval.select_shift == "dynamic"
+    assert load_config(hand_written, ["optim.grad_clip=3"]).optim.grad_clip == 3.0
+    sd3 = load_config(None, ["model.kind=sd3", "model.pretrained=p"])
+    assert (sd3.model.guidance_scale, sd3.jumps.alt_shift, sd3.optim.grad_clip) == (3.5, 3.0, 2.0)
+    builtin = load_config(None, [])
+    assert (builtin.jumps.alt_shift, builtin.optim.grad_clip, builtin.eval.select_shift) == (1.0, 1.0, 1.0)
+    save_config(config, tmp_path / "resolved.yaml")
+    assert "dynamic" in (tmp_path / "resolved.yaml").read_text()
+
+
+def test_the_families_read_their_shifts_and_guidance_from_the_same_table():
+    pytest.importorskip("diffusers")
+    from shortcutfm.family_defaults import FAMILY_DEFAULTS
+    from shortcutfm.models.diffusers import get_family
+
+    for kind, defaults in FAMILY_DEFAULTS.items():
+        family = get_family(kind)
+        assert family.jump_sampling().alt_shift == defaults["jumps"]["alt_shift"]
+        assert family.sampling_shift == defaults["eval"]["select_shift"]
+        if "guidance_scale" in defaults.get("model", {}):
+            assert family.guidance.scale == defaults["model"]["guidance_scale"]
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["model.kind=flux", "model.pretrained=p", "model.guidance_scale=3.5"], "model.guidance_scale"),
+    (["model.kind=sd3", "model.pretrained=p", "model.width=128"], "model.width"),
+    (["model.kind=sd3", "model.pretrained=p", "train.teacher=runs/t"], "train.teacher"),
+    (["model.kind=sd3", "model.pretrained=p", "data.holdout_fraction=0.5"], "data.holdout_fraction"),
+    (["model.kind=sd3", "model.pretrained=p", "model.label_dropout=0.2"], "model.label_dropout"),
+    (["model.kind=sd3", "model.pretrained=p", "train.mode=pretrain", "lora.rank=8"], "lora.rank"),
+    (["lora.rank=8"], "lora.rank"),
+    (["model.pretrained=black-forest-labs/FLUX.1-dev"], "model.pretrained"),
+    (["validation.prompts=[a cat]"], "validation.prompts"),
+    (["model.kind=mlp", "model.channels=32"], "model.channels"),
+    (["eval.select_shift=dynamic"], "eval.select_shift"),
+    (["train.mode=pretrain", "train.teacher=runs/t"], "train.teacher"),
+])
+def test_fields_without_effect_are_refused_by_name(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_fields_with_effect_pass_the_cross_section_check():
+    load_config(None, ["model.kind=sd3", "model.pretrained=p", "train.mode=pretrain", "model.label_dropout=0.2"])
+    load_config(None, ["model.kind=convnet", "model.channels=32"])
+    load_config(None, ["model.kind=flux", "model.pretrained=p", "lora.rank=8", "validation.prompts=[a cat]"])

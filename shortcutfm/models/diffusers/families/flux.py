@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
+from .... import family_defaults
 from .base import DiffusersVelocity, ModelFamily, PromptEncoding, check_latents
 from ..guidance import EmbeddedGuidance
 
@@ -111,9 +112,9 @@ FLUX = ModelFamily(
     lora_target_modules=LORA_TARGETS,
     guidance=EmbeddedGuidance(train_range=(0.0, 7.5), sampling_value=3.5),
     encode_prompts=encode_prompts,
-    shift_range=(2.5, 4.5),
-    alt_shift="dynamic",
-    sampling_shift="dynamic",
+    shift_range=family_defaults.jump_shifts("flux")[0],
+    alt_shift=family_defaults.jump_shifts("flux")[1],
+    sampling_shift=family_defaults.sampling_shift("flux"),
     to_pipeline_latents=pack_latents,
     from_pipeline_latents=unpack_latents,
 )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from diffusers import Lumina2Pipeline, Lumina2Transformer2DModel
 
+from .... import family_defaults
 from .base import DiffusersVelocity, ModelFamily, PromptEncoding, check_latents
 from ..guidance import RealGuidance
 
@@ -82,11 +83,11 @@ LUMINA2 = ModelFamily(
     lora_target_modules=LORA_TARGETS,
     guidance=RealGuidance(
         uncond_keys=("prompt_embeds", "prompt_attention_mask"),
-        scale=3.0,  # the pipeline's default guidance_scale 4.0
+        scale=family_defaults.guidance_scale("lumina2"),  # the pipeline's default guidance_scale 4.0
         pipeline_extra={"cfg_normalization": False, "cfg_trunc_ratio": 1.0},
     ),
     encode_prompts=encode_prompts,
-    shift_range=(2.5, 4.5),
-    alt_shift=6.0,  # Lumina-Image-2.0's scheduler shift
-    sampling_shift=6.0,
+    shift_range=family_defaults.jump_shifts("lumina2")[0],
+    alt_shift=family_defaults.jump_shifts("lumina2")[1],
+    sampling_shift=family_defaults.sampling_shift("lumina2"),
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
+from .... import family_defaults
 from .base import DiffusersVelocity, ModelFamily, PromptEncoding, check_latents
 from ..guidance import RealGuidance
 
@@ -76,9 +77,10 @@ SD3 = ModelFamily(
     pipeline_class=StableDiffusion3Pipeline,
     cond_keys=("prompt_embeds", "pooled_prompt_embeds"),
     lora_target_modules=LORA_TARGETS,
-    guidance=RealGuidance(uncond_keys=("prompt_embeds", "pooled_prompt_embeds"), scale=3.5),
+    guidance=RealGuidance(uncond_keys=("prompt_embeds", "pooled_prompt_embeds"),
+                          scale=family_defaults.guidance_scale("sd3")),
     encode_prompts=encode_prompts,
-    shift_range=(2.5, 4.5),
-    alt_shift=3.0,
-    sampling_shift=3.0,
+    shift_range=family_defaults.jump_shifts("sd3")[0],
+    alt_shift=family_defaults.jump_shifts("sd3")[1],
+    sampling_shift=family_defaults.sampling_shift("sd3"),
 )
