@@ -17,14 +17,13 @@ from typing import Mapping
 import torch
 
 from ..config import Config
-from ..core.samplers import euler_sample
-from ..models.diffusers import LoraStudent, export_lora, get_family, sampling_grid
+from ..models.diffusers import LoraStudent, export_lora, get_family
 from ..models.student import FullStudent
 from ..preparation import LatentCache
-from .setup import Evaluation, TrainingSetup
+from .setup import TrainingSetup
+from .validation import lora_validation
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TEACHER_REFERENCE_STEPS = 32
 
 
 class CachedBatches:
@@ -40,35 +39,6 @@ class CachedBatches:
         record = self.cache.get(indices)
         latents = record.pop("latents").float()
         return latents, record
-
-
-def teacher_agreement_evaluator(config: Config, student: LoraStudent, cache: LatentCache):
-    """Few-step metric for checkpoint selection without any image model: the mean squared distance between the
-    student's ``eval.select_steps``-step latents and the teacher's 32-step latents from the same noise and
-    prompts (the first ``eval.num_samples`` cached records, at most 8)."""
-    family = student.family
-    count = min(len(cache), config.eval.num_samples, 8)
-    record = cache.get(torch.arange(count))
-    latents = record.pop("latents")
-    cond = family.sampling_cond(record)
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(config.eval.seed))
-    height, width = latents.shape[-2:]
-    reference: dict[str, torch.Tensor] = {}
-
-    def sample(velocity, steps: int) -> torch.Tensor:
-        device = next(student.transformer.parameters()).device
-        grid = sampling_grid(family, steps, height, width)
-        moved = {k: v.to(device) for k, v in cond.items()}
-        return euler_sample(velocity, noise.to(device), grid, **moved).x.float().cpu()
-
-    def evaluate(velocity) -> Evaluation:
-        if "teacher" not in reference:
-            reference["teacher"] = sample(student.target_velocities().teacher, TEACHER_REFERENCE_STEPS)
-        x = sample(velocity, config.eval.select_steps)
-        return Evaluation(f"latent_mse_to_teacher{TEACHER_REFERENCE_STEPS}@{config.eval.select_steps}",
-                          (x - reference["teacher"]).square().mean().item())
-
-    return evaluate
 
 
 def caption_dropout(uncond: Mapping[str, torch.Tensor], probability: float):
@@ -178,13 +148,14 @@ def diffusers_setup(config: Config) -> TrainingSetup:
     def export(directory: Path, source: str) -> None:
         export_lora(student, directory, include_ema=True)
 
-    evaluate = teacher_agreement_evaluator(config, student, cache) if config.eval.every else None
+    validation = lora_validation(config, student, cache) if config.eval.every or config.validation.enabled else None
     return TrainingSetup(
         student=student,
         data=CachedBatches(cache),
         training_cond=student.training_cond,
         num_tokens=family.num_image_tokens(height, width),
         allow_teacher=True,
-        evaluate=evaluate,
+        evaluate=validation.evaluate if validation is not None and config.eval.every else None,
         export=export,
+        validate=validation.grid if validation is not None and config.validation.enabled else None,
     )

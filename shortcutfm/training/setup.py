@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 
 from ..core.velocity import VelocityModel
 from ..models.student import Student
+
+if TYPE_CHECKING:
+    from .validation import ValidationGrid
 
 
 class BatchSource(Protocol):
@@ -34,7 +37,9 @@ class TrainingSetup:
     * ``num_tokens``: latent tokens per sample, for the dynamic shift (None if unused);
     * ``allow_teacher``: False for from-scratch training (no teacher-taught rows);
     * ``evaluate(velocity)``: few-step quality of a velocity model, lower is better (None = no selection);
-    * ``export(directory, velocity_source)``: write a deployable model ("student" or "ema" weights).
+    * ``export(directory, velocity_source)``: write a deployable model ("student" or "ema" weights);
+    * ``validate(velocity)``: a grid of validation images (None = none), saved under ``RUN/validation/`` and
+      logged to the tracker every ``validation.every`` steps (0: with each evaluation) and at the end.
     """
 
     student: Student
@@ -44,3 +49,4 @@ class TrainingSetup:
     allow_teacher: bool
     evaluate: Callable[[VelocityModel], Evaluation] | None
     export: Callable[[Path, str], None]
+    validate: Callable[[VelocityModel], ValidationGrid] | None = None

@@ -333,9 +333,28 @@ def _loop(config, setup, accelerator, run_dir, state, optimizer, student_velocit
 
         if setup.evaluate is not None and config.eval.every and (step % config.eval.every == 0 or step == config.train.steps):
             _evaluate_and_keep_best(accelerator, setup, state, run_dir, bar)
+        if setup.validate is not None and _validation_due(config, step):
+            _validate(accelerator, setup, state, run_dir, bar)
         if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) or step == config.train.steps:
             _checkpoint(accelerator, config, setup, optimizer, state, run_dir)
         step += 1
+
+
+def _validation_due(config: Config, step: int) -> bool:
+    every = config.validation.every or config.eval.every
+    return step == config.train.steps or bool(every and step % every == 0)
+
+
+def _validate(accelerator, setup, state, run_dir, bar) -> None:
+    """A grid of validation images: ``RUN/validation/step-XXXXXX.png`` and the tracker (main process only)."""
+    from .validation import log_grid, save_grid
+
+    if accelerator.is_main_process:
+        grid = setup.validate(setup.student.velocity())
+        path = save_grid(grid, run_dir / "validation" / f"step-{state.step:06d}.png")
+        log_grid(accelerator, grid, state.step)
+        bar.write(f"step {state.step}: validation grid {path}")
+    accelerator.wait_for_everyone()
 
 
 def _evaluate_and_keep_best(accelerator, setup, state, run_dir, bar) -> None:
