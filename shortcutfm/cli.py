@@ -98,18 +98,31 @@ def train(
 @app.command("eval")
 def evaluate(
     arguments: Optional[List[str]] = typer.Argument(
-        None, help="RUN (a LoRA run on a t2i world pipeline) and/or config overrides as section.field=value."),
+        None, help="RUN (a LoRA training run) and/or config overrides as section.field=value."),
     teacher: Optional[Path] = typer.Option(None, "--teacher",
         help="Built-in models: teacher model directory (a pretrain run or its model/)."),
     student: Optional[Path] = typer.Option(None, "--student", help="Built-in models: student model directory (a distill run)."),
     out: Path = typer.Option(Path("runs/eval"), "--out", help="Report directory."),
     config: Optional[str] = typer.Option(None, "--config", help="Config file for data and eval settings."),
-    num_prompts: int = typer.Option(512, "--num-prompts", help="LoRA runs: held-out prompts of the sweep."),
-    lora_scale: float = typer.Option(1.0, "--lora-scale", help="LoRA runs: adapter scale."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline",
+        help="Any diffusers pipeline (local path or hub id) to evaluate with --lora (default: RUN's model.pretrained)."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="An exported SCFM LoRA folder (or a run) to evaluate on --pipeline."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts",
+        help="Prompt file (.txt one per line, or .jsonl) for FID/CLIP evaluation of a LoRA."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="LoRA: student step counts, e.g. 1,2,4,8 (default: eval.sweep_steps)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="LoRA: folder of real images for fid_reference."),
+    clip: Optional[str] = typer.Option(None, "--clip",
+        help="LoRA: CLIP model folder or hub id for clip_score (e.g. openai/clip-vit-large-patch14)."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights",
+        help="LoRA: torch-fidelity Inception-v3 weights file (offline FID)."),
+    no_fid: bool = typer.Option(False, "--no-fid", help="LoRA: skip FID (no torch-fidelity needed)."),
+    num_prompts: int = typer.Option(512, "--num-prompts", help="LoRA: at most this many prompts (proving ground: held-out prompts)."),
+    lora_scale: float = typer.Option(1.0, "--lora-scale", help="LoRA: adapter scale."),
 ) -> None:
-    """Step sweep with the same noise for every row: built-in models (--teacher, --student: teacher Euler and
-    Heun, student Euler, 1-32 steps) or a LoRA run on the t2i proving ground (RUN: fd_data, fd_teacher,
-    adherence on held-out prompts). Writes metrics.json, report.md and PNGs."""
+    """Step sweep with the same noise for every row. Built-in models (--teacher, --student): teacher Euler and
+    Heun, student Euler, 1-32 steps. A LoRA (RUN, or --pipeline with --lora) with --prompts: FID against the
+    teacher's 32-step images and a reference folder, CLIP score, seconds per image. A LoRA run on the t2i proving
+    ground without --prompts: fd_data, fd_teacher, adherence on held-out prompts. Writes metrics.json, report.md, PNGs."""
     from .config import load_config
     from .workflows import resolve_config_path
 
@@ -117,29 +130,16 @@ def evaluate(
     arguments = list(arguments or [])
     run_dir = Path(arguments.pop(0)) if arguments and "=" not in arguments[0] else None
     try:
-        if run_dir is not None:
-            from .t2i.demo import evaluate_lora_run
-            from .t2i.evaluate import is_world_pipeline, training_guidance_scale
-            from .workflows import cache_dir
-
-            run_config = run_dir / "config.yaml"
-            if not run_config.is_file():
-                raise FileNotFoundError(f"{run_config} not found: RUN must be a training run folder (train.output_dir)")
-            cfg = load_config(run_config, arguments)
-            if not is_world_pipeline(cfg.model.pretrained):
-                raise ValueError(f"{run_dir} trained on {cfg.model.pretrained!r}, not a t2i world pipeline: `eval RUN` "
-                                 "measures LoRA runs on the proving ground (built-in models: --teacher/--student)")
-            # the deployed model; a run stopped before its end has only best/ (the best checkpoint so far)
-            model_dir = next((d for d in (run_dir / "model", run_dir / "best") if d.is_dir()), run_dir)
-            report = evaluate_lora_run(Path(cfg.model.pretrained), model_dir, out, guidance_scale=training_guidance_scale(cfg),
-                                       shift=cfg.eval.select_shift, num_prompts=num_prompts, seed=cfg.eval.seed,
-                                       lora_scale=lora_scale, cache_dir=cache_dir() / "t2i")
+        if run_dir is not None or lora is not None:
+            report = _evaluate_lora(run_dir, arguments, out=out, pipeline=pipeline, lora=lora, prompts=prompts,
+                                    steps=steps, reference=reference, clip=clip, inception_weights=inception_weights,
+                                    no_fid=no_fid, num_prompts=num_prompts, lora_scale=lora_scale)
         else:
             from .models.builtin import load_model
             from .workflows import evaluate_models
 
             if teacher is None:
-                raise ValueError("give RUN (a LoRA run) or --teacher DIR (built-in models)")
+                raise ValueError("give RUN (a LoRA run), --pipeline with --lora, or --teacher DIR (built-in models)")
             data = load_model(teacher).info.data  # evaluate on the teacher's data unless an override says otherwise
             source = data.get("source", data.get("name", ""))
             cfg = load_config(resolve_config_path(config) if config else None, [f"data.source={source}", *arguments])
@@ -148,6 +148,71 @@ def evaluate(
         _fail(exc)
     console.print(report.markdown)
     console.print(f"report: [bold]{out / 'report.md'}[/]")
+
+
+def _step_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"--steps must be comma-separated step counts such as 1,2,4, got {text!r}") from None
+    if not values:
+        raise ValueError("--steps names no step count")
+    return values
+
+
+def _evaluate_lora(run_dir, arguments, *, out, pipeline, lora, prompts, steps, reference, clip, inception_weights,
+                   no_fid, num_prompts, lora_scale):
+    """`shortcutfm eval` for a LoRA: a run (its config supplies pipeline, shift, guidance, size) or --pipeline/--lora."""
+    from .config import load_config
+    from .sampling import _cache_layout, find_lora_dir
+
+    cfg = None
+    if run_dir is not None:
+        run_config = run_dir / "config.yaml"
+        if not run_config.is_file():
+            raise FileNotFoundError(f"{run_config} not found: RUN must be a training run folder (train.output_dir)")
+        cfg = load_config(run_config, arguments)
+        if cfg.train.mode != "distill" or cfg.model.kind in ("auto", "mlp", "convnet"):
+            raise ValueError(f"{run_dir} is not a LoRA run (built-in models: --teacher/--student)")
+    elif arguments:
+        raise ValueError(f"config overrides {arguments} need RUN (a training run folder)")
+    if lora is not None:
+        lora_dir = find_lora_dir(lora)
+        if lora_dir is None:
+            raise FileNotFoundError(f"--lora {lora}: no pytorch_lora_weights.safetensors there (or in its model/)")
+    else:  # the deployed model; a run stopped before its end has only best/ (the best checkpoint so far)
+        lora_dir = next((d for d in (run_dir / "model", run_dir / "best") if d.is_dir()), run_dir)
+    pretrained = pipeline or (cfg.model.pretrained if cfg else None)
+    if not pretrained:
+        raise ValueError("--lora needs --pipeline (the base pipeline the LoRA was trained on)")
+    if prompts is None:
+        from .t2i.evaluate import is_world_pipeline, training_guidance_scale
+
+        if cfg is None or not is_world_pipeline(pretrained):
+            raise ValueError("give --prompts FILE (one prompt per line) to evaluate a LoRA with FID and CLIP score")
+        from .t2i.demo import evaluate_lora_run
+        from .workflows import cache_dir
+
+        return evaluate_lora_run(Path(pretrained), lora_dir, out, guidance_scale=training_guidance_scale(cfg),
+                                 shift=cfg.eval.select_shift, num_prompts=num_prompts, seed=cfg.eval.seed,
+                                 lora_scale=lora_scale, cache_dir=cache_dir() / "t2i")
+    from .evaluation.lora_eval import LoraEvalSettings, evaluate_lora, inception_features
+    from .preparation.inputs import read_prompt_file
+
+    layout = _cache_layout(cfg.data.source) if cfg else None
+    settings = LoraEvalSettings(
+        pipeline=str(pretrained), lora_dir=str(lora_dir), prompts=read_prompt_file(prompts)[:num_prompts],
+        steps=_step_list(steps) if steps else (cfg.eval.sweep_steps if cfg else (1, 2, 3, 4, 8)),
+        shift=cfg.eval.select_shift if cfg else None, guidance=cfg.model.guidance_scale if cfg else None,
+        lora_scale=lora_scale, seed=cfg.eval.seed if cfg else 1234,
+        height=layout["height"] if layout else None, width=layout["width"] if layout else None,
+        max_sequence_length=layout["max_sequence_length"] if layout else None,
+        reference_dir=str(reference) if reference else None,
+    )
+    if reference is not None and not reference.is_dir():
+        raise FileNotFoundError(f"--reference {reference}: folder not found")
+    features = None if no_fid else inception_features(str(inception_weights) if inception_weights else None)
+    return evaluate_lora(settings, out, fid_features=features, clip=clip)
 
 
 @app.command()

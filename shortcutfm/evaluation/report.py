@@ -14,7 +14,13 @@ import torch  # noqa: E402
 from ..data import ArrayDataset  # noqa: E402
 from .sweep import MetricRow, SweepSamples  # noqa: E402
 
-LOWER_IS_BETTER = {"energy_distance", "sliced_wasserstein2", "frechet_distance", "fd_data", "fd_teacher"}
+LOWER_IS_BETTER = {"energy_distance", "sliced_wasserstein2", "frechet_distance", "fd_data", "fd_teacher", "fid_teacher",
+                   "fid_reference", "seconds_per_image"}
+
+
+def shift_text(shift: float | str) -> str:
+    """A grid shift as a table cell: a number, or "dynamic" (Flux's resolution-dependent shift)."""
+    return shift if isinstance(shift, str) else f"{shift:g}"
 
 
 def write_metrics(rows: list[MetricRow], path: Path, extra: dict | None = None) -> None:
@@ -33,12 +39,12 @@ def plot_metric_vs_steps(rows: list[MetricRow], out_dir: Path) -> list[Path]:
             if r.metric == metric and r.model != "data":
                 series.setdefault((r.model, r.sampler, r.shift), []).append(r)
         curves = sorted({(model, sampler) for model, sampler, _ in series}, key=lambda c: (c[0] != "teacher", c))
-        shifts = sorted({shift for _, _, shift in series})
+        shifts = sorted({shift for _, _, shift in series}, key=str)
         positive = all(p.value > 0 for points in series.values() for p in points)
         for (model, sampler, shift), points in sorted(series.items()):
             points.sort(key=lambda r: r.steps)
             ax.plot([p.steps for p in points], [p.value for p in points], styles[shifts.index(shift) % 4], marker="o",
-                    ms=3, color=f"C{curves.index((model, sampler))}", label=f"{model} {sampler}, shift {shift:g}")
+                    ms=3, color=f"C{curves.index((model, sampler))}", label=f"{model} {sampler}, shift {shift_text(shift)}")
         for r in rows:
             if r.metric == metric and r.model == "data":
                 if r.value > 0 or not positive:
@@ -142,6 +148,6 @@ def markdown_table(rows: list[MetricRow], metrics: list[str]) -> str:
         cells = [f"{values[m]:.4g}" if m in values else "" for m in metrics]
         step_cell = "-" if model == "data" else str(steps)
         nfe_cell = "-" if model == "data" else str(nfe)
-        shift_cell = "-" if model == "data" else f"{shift:g}"
+        shift_cell = "-" if model == "data" else shift_text(shift)
         out.append(f"| {model} | {sampler} | {step_cell} | {nfe_cell} | {shift_cell} | " + " | ".join(cells) + " |")
     return "\n".join(out)

@@ -20,7 +20,7 @@ class MetricRow:
     sampler: str  # "euler", "heun" or "-" for the floor
     steps: int
     nfe: int
-    shift: float
+    shift: float | str  # a number, or "dynamic" (Flux)
     metric: str
     value: float
 
