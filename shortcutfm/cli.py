@@ -77,6 +77,8 @@ def train(
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in train.output_dir."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete another run in train.output_dir and start afresh."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub",
+        help="LoRA runs: upload model/ to this Hub repository (user-or-org/name) when training ends."),
 ) -> None:
     """Train: from-scratch flow matching (train.mode=pretrain) or SCFM distillation (train.mode=distill)."""
     from .config import load_config
@@ -87,7 +89,13 @@ def train(
         cfg = load_config(resolve_config_path(config), overrides or [])
         if resume and overwrite:
             raise ValueError("give --resume (continue the run) or --overwrite (replace it), not both")
+        if push_to_hub and (cfg.train.mode != "distill" or cfg.model.kind in ("auto", "mlp", "convnet")):
+            raise ValueError("--push-to-hub uploads LoRA runs (a diffusers model.kind with train.mode=distill)")
         result = run_training(cfg, resume=resume, overwrite=overwrite)
+        if push_to_hub and int(os.environ.get("RANK", "0")) == 0:
+            from .hub import push_to_hub as push_folder
+
+            console.print(f"pushed to {push_folder(result.model_dir, push_to_hub)}")
     except USER_ERRORS as exc:
         _fail(exc)
     finally:
@@ -299,6 +307,63 @@ def prepare(
     except USER_ERRORS as exc:
         _fail(exc)
     console.print(report.summary())
+
+
+@app.command("export-kohya")
+def export_kohya_command(
+    model: Path = typer.Argument(..., help="A Flux LoRA run, its model/ folder, or a folder with pytorch_lora_weights.safetensors."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file (default: kohya_lora.safetensors beside the LoRA)."),
+) -> None:
+    """Write the Flux LoRA as a kohya/ComfyUI file (lora_unet_* keys, per-module alpha); diffusers reads it back."""
+    from .models.diffusers.kohya import KOHYA_WEIGHTS, export_kohya
+    from .sampling import LORA_WEIGHTS, find_lora_dir
+
+    try:
+        lora_dir = find_lora_dir(model)
+        if lora_dir is None:
+            raise FileNotFoundError(f"{model}: no {LORA_WEIGHTS} there or in its model/")
+        family = _run_family(lora_dir)
+        written = export_kohya(lora_dir / LORA_WEIGHTS, out or lora_dir / KOHYA_WEIGHTS, family=family)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    console.print(f"wrote {written}")
+
+
+def _run_family(lora_dir: Path) -> str:
+    """The model family of an exported LoRA: its run's model.kind, else Flux if it has single blocks."""
+    import yaml
+    from safetensors import safe_open
+
+    config_path = lora_dir.parent / "config.yaml"
+    if config_path.is_file():
+        return (yaml.safe_load(config_path.read_text()).get("model") or {}).get("kind", "")
+    with safe_open(str(lora_dir / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
+        return "flux" if any(".single_transformer_blocks." in f".{k}" for k in handle.keys()) else "unknown"
+
+
+@app.command()
+def push(
+    model: Path = typer.Argument(..., help="A LoRA run or its model/ folder."),
+    repo_id: str = typer.Option(..., "--repo-id", help="Hub repository, user-or-org/name (created if absent)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+    kohya: bool = typer.Option(False, "--kohya", help="Flux: add the kohya/ComfyUI file to the upload."),
+) -> None:
+    """Upload the LoRA, its model card and (with --kohya) the ComfyUI file to the Hugging Face Hub."""
+    from .hub import push_to_hub
+    from .sampling import find_lora_dir
+
+    try:
+        lora_dir = find_lora_dir(model)
+        if lora_dir is None:
+            raise FileNotFoundError(f"{model}: no pytorch_lora_weights.safetensors there or in its model/")
+        if kohya:
+            from .models.diffusers.kohya import KOHYA_WEIGHTS, export_kohya
+
+            export_kohya(lora_dir / "pytorch_lora_weights.safetensors", lora_dir / KOHYA_WEIGHTS, family=_run_family(lora_dir))
+        url = push_to_hub(lora_dir, repo_id, private=private)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    console.print(f"pushed {lora_dir} to {url}")
 
 
 @app.command()
