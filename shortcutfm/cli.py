@@ -220,7 +220,22 @@ def _evaluate_lora(run_dir, arguments, *, out, pipeline, lora, prompts, steps, r
     if reference is not None and not reference.is_dir():
         raise FileNotFoundError(f"--reference {reference}: folder not found")
     features = None if no_fid else inception_features(str(inception_weights) if inception_weights else None)
-    return evaluate_lora(settings, out, fid_features=features, clip=clip)
+    report = evaluate_lora(settings, out, fid_features=features, clip=clip)
+    if run_dir is not None and lora is None and (lora_dir / "README.md").is_file():
+        _card_with_evaluation(run_dir, lora_dir, cfg, report.markdown)
+    return report
+
+
+def _card_with_evaluation(run_dir: Path, model_dir: Path, cfg, table: str) -> None:
+    """Rewrite the run's model card with the evaluation table."""
+    import json
+
+    from .model_card import write_model_card
+    from .training.checkpoint import TrainerState
+
+    state_file = run_dir / "trainer_state.json"
+    if state_file.is_file():
+        write_model_card(model_dir, cfg, TrainerState(**json.loads(state_file.read_text())), evaluation=table)
 
 
 @app.command()

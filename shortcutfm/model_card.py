@@ -18,12 +18,13 @@ __all__ = ["write_model_card", "CARD_NAME"]
 CARD_NAME = "README.md"
 
 
-def _card_body(config: Config, state: TrainerState, pipeline_class: str, sampling_shift) -> str:
+def _card_body(config: Config, state: TrainerState, pipeline_class: str, sampling_shift,
+               evaluation: str | None = None) -> str:
     lora, train, model = config.lora, config.train, config.model
     steps = config.eval.select_steps
     guidance = "the family's default" if model.guidance_scale is None else f"w = {model.guidance_scale:g}"
-    rows = "\n".join(f"| {h['step']} | {h['metric']} | {h['value']:.4g} |" for h in state.history)
-    selected = (f"the checkpoint of step {state.best_step} (best `{state.history[-1]['metric']}` = {state.best_metric:.4g})"
+    rows = "\n".join(f"| {h.step} | {h.metric} | {h.value:.4g} |" for h in state.history)
+    selected = (f"the checkpoint of step {state.best_step} (best `{state.selection_metric}` = {state.best_metric:.4g})"
                 if state.best_step else f"the final checkpoint (step {state.step})")
     lines = [
         f"# SCFM {steps}-step LoRA for `{model.pretrained}`", "",
@@ -50,14 +51,17 @@ def _card_body(config: Config, state: TrainerState, pipeline_class: str, samplin
         f"- Data: the latent cache `{config.data.source}` (teacher-made samples or captioned images).",
         f"- Deployed: {selected}.", "",
     ]
+    if evaluation:
+        lines += ["## Evaluation", "", "`shortcutfm eval` of this LoRA (the same noise for every row):", "", evaluation, ""]
     if rows:
         lines += ["## Selection readings (lower is better)", "", "| step | metric | value |", "|---|---|---|", rows, ""]
     lines += ["The run's `config.yaml` (beside this folder) holds every setting."]
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(model_dir: Path, config: Config, state: TrainerState) -> Path:
-    """Write ``model_dir/README.md`` for a diffusers LoRA run; returns its path."""
+def write_model_card(model_dir: Path, config: Config, state: TrainerState, evaluation: str | None = None) -> Path:
+    """Write ``model_dir/README.md`` for a diffusers LoRA run (``evaluation``: a markdown table of
+    ``shortcutfm eval``, added as its own section); returns its path."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from .models.diffusers import get_family
@@ -67,8 +71,9 @@ def write_model_card(model_dir: Path, config: Config, state: TrainerState) -> Pa
         base_model=config.model.pretrained or None, library_name="diffusers", pipeline_tag="text-to-image",
         tags=["lora", "text-to-image", "diffusers", "scfm", "few-step", "shortcutfm", family.name],
     )
-    shift = family.sampling_shift
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + _card_body(config, state, family.pipeline_class.__name__, shift))
+    shift = config.eval.select_shift
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n"
+                     + _card_body(config, state, family.pipeline_class.__name__, shift, evaluation))
     path = Path(model_dir) / CARD_NAME
     write_text_atomic(path, str(card), what="model card")
     return path

@@ -181,7 +181,7 @@ def run_demo(
     result = run_training(config, overwrite=True, progress=progress)  # a rerun of the demo replaces its student
     best = result.state
     if best.best_step is not None:
-        notes.append(f"Student: SCFM, best of {len(best.history)} evaluations ({best.history[0]['metric']}) at step "
+        notes.append(f"Student: SCFM, best of {len(best.history)} evaluations ({best.selection_metric}) at step "
                      f"{best.best_step} of {best.step}.")
     if sweep_threads:
         torch.set_num_threads(sweep_threads)  # large sampling batches use every core; training used one

@@ -131,7 +131,7 @@ def test_family_preset_distils_and_pipeline_matches_library(family, checkpointin
     result = run_training(config, progress=False)
     monkeypatch.undo()
     assert result.state.step == STEPS
-    assert [h["step"] for h in result.state.history] == [2, 3]
+    assert [h.step for h in result.state.history] == [2, 3]
 
     # guidance: the CFG families train the student *and* its targets on guided velocities; Flux embeds it
     trained_passes = [kind for kind, grad in spy.calls if grad and kind != "_AdapterVelocity"]

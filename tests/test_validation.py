@@ -60,7 +60,7 @@ def test_validation_grids_and_selection_on_validation_prompts(tmp_path):
     with Image.open(result.run_dir / "validation" / grids[0]) as image:
         assert image.size[0] > 200 and image.size[1] > 200
     history = result.state.history
-    assert [h["metric"] for h in history] == ["latent_mse_to_teacher32@3"] * 2
+    assert [h.metric for h in history] == ["latent_mse_to_teacher32@3"] * 2
 
     # the recorded metric is the validation prompts' distance: recompute it for step 2's weights
     cache = LatentCache(tmp_path / "cache")
@@ -70,7 +70,7 @@ def test_validation_grids_and_selection_on_validation_prompts(tmp_path):
     student.load_state_dict(load_file(str(result.run_dir / "checkpoints" / step_name(2) / "student.safetensors")))
     validation = lora_validation(config, student, cache)
     assert validation.prompts == PROMPTS and len(validation.noise) == len(PROMPTS)
-    assert validation.evaluate(student.velocity()).value == pytest.approx(history[0]["value"], rel=1e-4, abs=1e-9)
+    assert validation.evaluate(student.velocity()).value == pytest.approx(history[0].value, rel=1e-4, abs=1e-9)
     grid = validation.grid(student.velocity())
     assert grid.images.shape[:3] == (3, 3, 3) and grid.labels[-1] == "teacher 32 steps"
     assert (grid.images[:, 0] - grid.images[:, -1]).abs().max() > 1e-3  # 1 student step differs from the teacher
@@ -81,7 +81,7 @@ def test_without_validation_prompts_the_cached_prompts_select_and_no_grid_is_dra
     config = load_config(resolve_config_path("sd3"), overrides(tmp_path, pipe_dir, "eval.num_samples=3"))
     result = run_training(config, progress=False)
     assert not (result.run_dir / "validation").exists()
-    assert result.state.history[0]["metric"] == "latent_mse_to_teacher32@3"
+    assert result.state.history[0].metric == "latent_mse_to_teacher32@3"
 
 
 def test_grids_go_to_the_tracker():

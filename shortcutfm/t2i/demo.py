@@ -154,7 +154,7 @@ def run_t2i_demo(out_dir: Path, overrides: list[str] | None = None, *, num_train
     notes = [f"Teacher: the bundled world pipeline `{pipeline_dir.name}`; training data: {num_train_prompts} "
              f"32-step teacher samples of training prompts ({prepared:.0f} s).",
              f"Student: SCFM LoRA rank {config.lora.rank}, {state.step} steps in {trained:.0f} s"
-             + (f", best {state.history[0]['metric']} at step {state.best_step}." if state.best_step else ".")]
+             + (f", best {state.selection_metric} at step {state.best_step}." if state.best_step else ".")]
     report = evaluate_lora_run(pipeline_dir, result.model_dir, out_dir / "report",
                                guidance_scale=ev.training_guidance_scale(config), shift=config.eval.select_shift,
                                num_prompts=num_eval_prompts, seed=config.eval.seed, cache_dir=cache_dir,

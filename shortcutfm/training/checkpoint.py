@@ -30,12 +30,29 @@ CHECKPOINT_PREFIX = "step-"
 
 
 @dataclass
+class EvalRecord:
+    """One evaluation during training: the selection metric's value at a step (lower is better)."""
+
+    step: int
+    metric: str  # e.g. "energy_distance@3", "latent_mse_to_teacher32@3"
+    value: float
+
+
+@dataclass
 class TrainerState:
     step: int = 0
     best_metric: float | None = None
     best_step: int | None = None
-    history: list[dict] = field(default_factory=list)  # evaluation rows: {"step", "metric", "value"}
+    history: list[EvalRecord] = field(default_factory=list)  # every evaluation, in order
     skipped: int = 0  # attempts that changed nothing: fp16 overflows, or non-finite steps redrawn (on_nonfinite=skip)
+
+    def __post_init__(self) -> None:  # trainer_state.json holds the records as mappings
+        self.history = [r if isinstance(r, EvalRecord) else EvalRecord(**r) for r in self.history]
+
+    @property
+    def selection_metric(self) -> str | None:
+        """The name of the metric that selected the deployed checkpoint (None: no evaluation ran)."""
+        return self.history[-1].metric if self.history else None
 
 
 class CheckpointError(ValueError):

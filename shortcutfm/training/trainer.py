@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from ..errors import ExistingRunError, NonFiniteError
 from ..folder_lock import FolderLocked, folder_lock
 from .checkpoint import (
     CheckpointError,
+    EvalRecord,
     TrainerState,
     latest_checkpoint,
     load_checkpoint,
@@ -257,10 +258,10 @@ def _finish(config, setup, accelerator, run_dir: Path, state: TrainerState, star
             setup.export(temporary, final_source)
         best = run_dir / "best"
         copy_dir_atomic(best if best.is_dir() else run_dir / "final", model_dir, what="deployed model")
-        write_json_atomic(run_dir / "trainer_state.json", state.__dict__)
+        write_json_atomic(run_dir / "trainer_state.json", asdict(state))
         accelerator.print(
             f"done: {state.step} steps in {time.perf_counter() - started:.0f} s; model in {model_dir}"
-            + (f" (best {state.history[-1]['metric']} = {state.best_metric:.4g} at step {state.best_step})" if state.best_step else "")
+            + (f" (best {state.selection_metric} = {state.best_metric:.4g} at step {state.best_step})" if state.best_step else "")
         )
     accelerator.wait_for_everyone()
     # Not accelerator.end_training(): it also destroys the process group, which Accelerate's state (a process-wide
@@ -361,7 +362,7 @@ def _evaluate_and_keep_best(accelerator, setup, state, run_dir, bar) -> None:
     if accelerator.is_main_process:
         # the unwrapped module: a DDP forward on one rank alone could wait for the other ranks
         result = setup.evaluate(setup.student.velocity())
-        state.history.append({"step": state.step, "metric": result.metric, "value": result.value})
+        state.history.append(EvalRecord(state.step, result.metric, result.value))
         improved = state.best_metric is None or result.value < state.best_metric
         if improved:
             state.best_metric, state.best_step = result.value, state.step
