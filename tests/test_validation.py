@@ -102,3 +102,24 @@ def test_validation_settings_are_checked(tmp_path):
         load_config(None, ["model.kind=sd3", "model.pretrained=p", "validation.prompts=[a]", "validation.prompt_file=x"])
     with pytest.raises(ConfigError, match="validation.steps"):
         load_config(None, ["model.kind=sd3", "model.pretrained=p", "validation.steps=[0]"])
+
+
+def test_eval_of_a_run_adds_its_table_to_the_model_card(tmp_path):
+    from huggingface_hub import ModelCard
+    from typer.testing import CliRunner
+
+    from shortcutfm.cli import app
+
+    pipe_dir = prepared(tmp_path)
+    config = load_config(resolve_config_path("sd3"), overrides(tmp_path, pipe_dir, "eval.every=0"))
+    result = run_training(config, progress=False)
+    card = ModelCard.load(result.model_dir / "README.md")
+    assert card.data.base_model == str(pipe_dir) and "## Evaluation" not in card.text
+    assert "Grid shift:** 3" in card.text and "w = 3.5" in card.text  # the sd3 family's defaults, resolved
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = CliRunner().invoke(app, ["eval", str(result.run_dir), "--prompts", str(prompts), "--steps", "1,2", "--no-fid",
+                                   "--out", str(tmp_path / "eval")])
+    assert out.exit_code == 0, out.output
+    card = ModelCard.load(result.model_dir / "README.md")
+    assert "## Evaluation" in card.text and "seconds per image" in card.text
