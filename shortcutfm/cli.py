@@ -294,6 +294,8 @@ def prepare(
     max_sequence_length: Optional[int] = typer.Option(
         None, "--max-sequence-length", help="Text tokens of the long text encoder (T5/Gemma; default: the pipeline's)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images instead of failing (after caching the good ones)."),
+    buckets: bool = typer.Option(False, "--buckets",
+        help="--images: aspect-ratio buckets of about --height x --width pixels (one cache per bucket under --out)."),
 ) -> None:
     """Encode once: latents and text embeddings (and the empty prompt) cached as safetensors shards."""
     from .preparation import PreparationError, prepare_from_folder, prepare_from_prompts
@@ -301,6 +303,8 @@ def prepare(
 
     if (prompts is None) == (images is None):
         _fail(ValueError("give exactly one of --prompts FILE or --images FOLDER"))
+    if buckets and images is None:
+        _fail(ValueError("--buckets is for --images (teacher-made data is sampled at one --height x --width)"))
     try:
         # the inputs first: a mistyped path must not cost a (possibly 30 GB) pipeline download
         from .preparation.inputs import list_image_captions, read_prompt_file
@@ -316,7 +320,7 @@ def prepare(
         else:
             report = prepare_from_folder(pipe, images, out, height=height, width=width, model_id=pipeline,
                                          on_error="skip" if skip_bad else "raise",
-                                         max_sequence_length=max_sequence_length)
+                                         max_sequence_length=max_sequence_length, buckets=buckets)
     except PreparationError as exc:
         _fail(exc)
     except USER_ERRORS as exc:

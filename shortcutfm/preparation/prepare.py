@@ -90,8 +90,8 @@ def _add_batch(writer: CacheWriter, records: list[RecordInfo], latents: torch.Te
         writer.add(record, {"latents": latents[index], **{name: tensor[index] for name, tensor in text.items()}})
 
 
-def _finish(report: PreparationReport, writer: CacheWriter, on_error: OnError) -> PreparationReport:
-    report.num_records = writer.num_records
+def _finish(report: PreparationReport, num_records: int, on_error: OnError) -> PreparationReport:
+    report.num_records = num_records
     if report.failed and on_error == "raise":
         raise PreparationError(report)
     if report.failed:
@@ -182,18 +182,65 @@ def _load_image(item: ImageCaption, settings: Mapping[str, Any], layout: CacheLa
 def prepare_from_folder(pipe, folder: str | Path, out_dir: str | Path, *, height: int | None = None,
                         width: int | None = None, on_error: OnError = "raise", allow_upscale: bool = False,
                         batch_size: int = 4, max_sequence_length: int | None = None, model_id: str | None = None,
-                        records_per_shard: int = 256, show_progress: bool = True) -> PreparationReport:
+                        records_per_shard: int = 256, buckets: bool = False,
+                        show_progress: bool = True) -> PreparationReport:
     """Cache the VAE latents (resize + center crop to ``height x width``, latent mean) and caption embeddings of
     the images in ``folder`` (see :mod:`.inputs` for the caption conventions) into ``out_dir``.
 
     ``height``/``width`` default to the pipeline's default resolution; ``model_id`` to ``pipe.name_or_path``.
+    ``buckets``: aspect-ratio buckets of about ``height * width`` pixels, one cache per bucket under ``out_dir``
+    (:mod:`.buckets`); each image goes to the bucket nearest its aspect ratio.
     Raises :class:`PreparationError` after caching the good images if some failed and ``on_error="raise"``."""
     _check_on_error(on_error)
     _check_positive(batch_size=batch_size)
     layout = resolve_layout(pipe, height, width, max_sequence_length, model_id)
     items = list_image_captions(folder)
+    if not buckets:
+        report = PreparationReport(Path(out_dir))
+        writer = _prepare_items(pipe, items, folder, out_dir, layout, report, allow_upscale=allow_upscale,
+                                batch_size=batch_size, records_per_shard=records_per_shard, show_progress=show_progress)
+        return _finish(report, writer.num_records, on_error)
+    from .buckets import bucket_dir_name, bucket_sizes, nearest_bucket, write_bucket_index
+
+    sizes = bucket_sizes(layout.height, layout.width, pixel_multiple(pipe))
+    groups: dict[tuple[int, int], list[ImageCaption]] = {}
+    for item in items:
+        groups.setdefault(nearest_bucket(*_image_size(item.image_path, layout), sizes), []).append(item)
+    report, total = PreparationReport(Path(out_dir)), 0
+    for (bucket_height, bucket_width), group in sorted(groups.items()):
+        bucket_layout = CacheLayout(layout.family, layout.model_id, bucket_height, bucket_width, layout.max_sequence_length)
+        writer = _prepare_items(pipe, group, folder, Path(out_dir) / bucket_dir_name(bucket_height, bucket_width),
+                                bucket_layout, report, allow_upscale=allow_upscale, batch_size=batch_size,
+                                records_per_shard=records_per_shard, show_progress=show_progress)
+        total += writer.num_records
+    used = sorted(groups) + _existing_buckets(Path(out_dir), sizes, exclude=set(groups))
+    write_bucket_index(Path(out_dir), used)
+    return _finish(report, total, on_error)
+
+
+def _image_size(path: Path, layout: CacheLayout) -> tuple[int, int]:
+    """(height, width) as the VAE will see the image (EXIF orientation applied); the layout's if unreadable (the
+    failure is then reported when the image is encoded)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            width, height = ImageOps.exif_transpose(image).size
+            return height, width
+    except Exception:  # PIL raises many types for garbled files; _load_image reports them
+        return layout.height, layout.width
+
+
+def _existing_buckets(out_dir: Path, sizes: list[tuple[int, int]], exclude: set) -> list[tuple[int, int]]:
+    """Buckets an earlier run of the same folder filled that this run did not touch (all their images cached)."""
+    from .buckets import bucket_dir_name
+
+    return [size for size in sizes if size not in exclude and (out_dir / bucket_dir_name(*size)).is_dir()]
+
+
+def _prepare_items(pipe, items: list[ImageCaption], folder, out_dir, layout: CacheLayout, report: PreparationReport, *,
+                   allow_upscale: bool, batch_size: int, records_per_shard: int, show_progress: bool) -> CacheWriter:
     settings = {"source": "folder", **asdict(layout), "latents": "vae_latent_mean"}
-    report = PreparationReport(Path(out_dir))
     with CacheWriter(out_dir, layout, {**settings, "folder": str(folder)}, records_per_shard) as writer:
         _ensure_uncond(pipe, writer, layout)
         batch: list[tuple[RecordInfo, Image.Image]] = []
@@ -207,7 +254,7 @@ def prepare_from_folder(pipe, folder: str | Path, out_dir: str | Path, *, height
                 _add_batch(writer, records, latents, text)
                 report.added += len(batch)
                 batch = []
-    return _finish(report, writer, on_error)
+    return writer
 
 
 def prepare_from_prompts(pipe, prompt_file: str | Path, out_dir: str | Path, *, num_steps: int = 32,
@@ -264,4 +311,4 @@ def prepare_from_prompts(pipe, prompt_file: str | Path, out_dir: str | Path, *, 
             report.added += len(records)
             progress.update(len(records))
         progress.close()
-    return _finish(report, writer, "raise")
+    return _finish(report, writer.num_records, "raise")

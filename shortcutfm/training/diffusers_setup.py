@@ -20,6 +20,7 @@ from ..config import Config
 from ..models.diffusers import LoraStudent, export_lora, get_family
 from ..models.student import FullStudent
 from ..preparation import LatentCache
+from ..preparation.buckets import BucketedCache, open_cache
 from .setup import TrainingSetup
 from .validation import lora_validation
 
@@ -59,16 +60,24 @@ def caption_dropout(uncond: Mapping[str, torch.Tensor], probability: float):
     return training_cond
 
 
-def _open_cache(config: Config, family) -> LatentCache:
+def _open_cache(config: Config, family) -> LatentCache | BucketedCache:
     if not config.model.pretrained:
         raise ValueError(f"model.pretrained must name the {family.name} pipeline (local path or hub id)")
-    cache = LatentCache(Path(config.data.source))
+    cache = open_cache(Path(config.data.source))
     if cache.layout.family != family.name:
         raise ValueError(
             f"data.source {config.data.source} was prepared for {cache.layout.family!r}, but model.kind is "
             f"{family.name!r}; prepare the data with the same model"
         )
     return cache
+
+
+def image_tokens(cache, family) -> int:
+    """Latent tokens per sample (the dynamic shift's input); a bucketed cache's records-weighted mean (its buckets
+    have about the same pixel count)."""
+    if isinstance(cache, BucketedCache):
+        return cache.mean_image_tokens(family.num_image_tokens)
+    return family.num_image_tokens(*cache.get(torch.arange(1))["latents"].shape[-2:])
 
 
 def export_pipeline(base_dir: Path, transformer: torch.nn.Module, directory: Path) -> None:
@@ -102,7 +111,6 @@ def diffusers_pretrain_setup(config: Config) -> TrainingSetup:
     velocity = family.velocity(transformer)
     velocity.set_gradient_checkpointing(config.model.gradient_checkpointing)
     student = FullStudent(velocity, config.ema, teacher=False)
-    height, width = cache.get(torch.arange(1))["latents"].shape[-2:]
 
     def export(directory: Path, source: str) -> None:
         trained = copy.deepcopy(transformer)
@@ -119,7 +127,7 @@ def diffusers_pretrain_setup(config: Config) -> TrainingSetup:
         student=student,
         data=CachedBatches(cache),
         training_cond=caption_dropout(cache.uncond, config.model.label_dropout),
-        num_tokens=family.num_image_tokens(height, width),
+        num_tokens=image_tokens(cache, family),
         allow_teacher=False,
         evaluate=None,
         export=export,
@@ -143,7 +151,6 @@ def diffusers_setup(config: Config) -> TrainingSetup:
         guidance_scale=config.model.guidance_scale,
         gradient_checkpointing=config.model.gradient_checkpointing,
     )
-    height, width = cache.get(torch.arange(1))["latents"].shape[-2:]
 
     def export(directory: Path, source: str) -> None:
         export_lora(student, directory, include_ema=True)
@@ -153,7 +160,7 @@ def diffusers_setup(config: Config) -> TrainingSetup:
         student=student,
         data=CachedBatches(cache),
         training_cond=student.training_cond,
-        num_tokens=family.num_image_tokens(height, width),
+        num_tokens=image_tokens(cache, family),
         allow_teacher=True,
         evaluate=validation.evaluate if validation is not None and config.eval.every else None,
         export=export,
