@@ -219,8 +219,9 @@ def _evaluate_lora(run_dir, arguments, *, out, pipeline, lora, prompts, steps, r
     )
     if reference is not None and not reference.is_dir():
         raise FileNotFoundError(f"--reference {reference}: folder not found")
-    features = None if no_fid else inception_features(str(inception_weights) if inception_weights else None)
-    report = evaluate_lora(settings, out, fid_features=features, clip=clip)
+    weights = str(inception_weights) if inception_weights else None
+    features = None if no_fid else inception_features(weights)
+    report = evaluate_lora(settings, out, fid_features=features, inception_weights=weights, clip=clip)
     if run_dir is not None and lora is None and (lora_dir / "README.md").is_file():
         _card_with_evaluation(run_dir, lora_dir, cfg, report.markdown)
     return report

@@ -32,9 +32,8 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if self.target_modules is not None:
-            self.target_modules = tuple(self.target_modules)
-            if not self.target_modules:
-                raise ValueError("lora.target_modules is empty: list module names, or use null for the family's default")
+            # an empty list meant "the family's default" in runs saved before null did; read it the same way
+            self.target_modules = tuple(self.target_modules) or None
         if self.rank < 1:
             raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
         if self.alpha <= 0:

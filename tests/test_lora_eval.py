@@ -130,3 +130,15 @@ def test_cli_eval_of_a_pipeline_and_a_lora(pipeline_and_lora, tmp_path):
     bad = runner.invoke(app, ["eval", "--pipeline", str(pipeline_and_lora / "pipe"), "--lora",
                               str(pipeline_and_lora / "lora"), "--prompts", str(tmp_path / "absent.txt"), "--no-fid"])
     assert bad.exit_code == 2 and "absent.txt" in bad.output and "Traceback" not in bad.output
+
+
+def test_inception_fid_without_torch_fidelity_is_a_one_line_error(pipeline_and_lora, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch_fidelity" else real(name, *a))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    result = CliRunner().invoke(app, ["eval", "--pipeline", str(pipeline_and_lora / "pipe"), "--lora",
+                                      str(pipeline_and_lora / "lora"), "--prompts", str(prompts)])
+    assert result.exit_code == 2 and "pip install torch-fidelity" in result.output and "--no-fid" in result.output

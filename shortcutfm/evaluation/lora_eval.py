@@ -96,25 +96,27 @@ def clip_loader(name_or_path: str) -> Callable[[], tuple[nn.Module, object]]:
     return load
 
 
-def inception_features(weights: str | None = None) -> int | nn.Module:
-    """torchmetrics' Inception-v3 (2048 features); a one-line error when torch-fidelity is missing."""
+def inception_features(weights: str | None = None) -> int:
+    """torchmetrics' Inception-v3 pool features (2048); a one-line error when torch-fidelity or the weights file
+    is missing."""
     import importlib.util
 
     if importlib.util.find_spec("torch_fidelity") is None:
         raise ValueError("FID with Inception-v3 needs torch-fidelity: pip install torch-fidelity (it downloads the "
                          "weights once; offline, pass --inception-weights FILE), or give --no-fid")
-    if weights is None:
-        return 2048
-    from torchmetrics.image.fid import NoTrainInceptionV3
-
-    return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights)
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"--inception-weights {weights}: file not found")
+    return 2048
 
 
-def frechet_distance(fake: torch.Tensor, real: torch.Tensor, features: int | nn.Module) -> float:
-    """torchmetrics FID between two image batches in [0, 1] (B, 3, H, W)."""
+def frechet_distance(fake: torch.Tensor, real: torch.Tensor, features: int | nn.Module,
+                     inception_weights: str | None = None) -> float:
+    """torchmetrics FID between two image batches in [0, 1] (B, 3, H, W); ``features`` is an Inception feature
+    size (with torch-fidelity; ``inception_weights`` a local weights file) or an extractor module."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=features, normalize=True)
+    extra = {"feature_extractor_weights_path": inception_weights} if isinstance(features, int) and inception_weights else {}
+    metric = FrechetInceptionDistance(feature=features, normalize=True, **extra)
     metric.update(real.float(), real=True)
     metric.update(fake.float(), real=False)
     return float(metric.compute())
@@ -171,7 +173,8 @@ def _sample(pipe, settings: LoraEvalSettings, noise: torch.Tensor, steps: int) -
 
 
 def evaluate_lora(settings: LoraEvalSettings, out_dir: Path, *, fid_features: int | nn.Module | None = 2048,
-                  clip: str | Callable | None = None, pipe=None, progress: bool = True) -> LoraEvalReport:
+                  inception_weights: str | None = None, clip: str | Callable | None = None, pipe=None,
+                  progress: bool = True) -> LoraEvalReport:
     """Sample teacher and student as the module docstring says, score them, write the report into ``out_dir``.
 
     ``fid_features``: 2048 (Inception-v3 through torch-fidelity), an ``nn.Module`` feature extractor, or None (no
@@ -228,9 +231,9 @@ def evaluate_lora(settings: LoraEvalSettings, out_dir: Path, *, fid_features: in
             return MetricRow(model, "euler", steps, steps * passes, shift, metric, value)
 
         if fid_features is not None and (model, steps) != plan[0]:
-            rows.append(row("fid_teacher", frechet_distance(batch, teacher_images, fid_features)))
+            rows.append(row("fid_teacher", frechet_distance(batch, teacher_images, fid_features, inception_weights)))
         if fid_features is not None and reference is not None:
-            rows.append(row("fid_reference", frechet_distance(batch, reference, fid_features)))
+            rows.append(row("fid_reference", frechet_distance(batch, reference, fid_features, inception_weights)))
         if clip_metric is not None:
             clip_metric.reset()
             clip_metric.update((batch * 255).round().to(torch.uint8), list(settings.prompts))
