@@ -115,7 +115,11 @@ class TrainConfig:
     steps: int = 4000
     """Optimiser steps."""
     batch_size: int = 256
-    """Global batch size (split across processes)."""
+    """Global batch size of one optimizer step: split across processes, then into gradient_accumulation
+    micro-batches (per-device micro-batch = batch_size / (processes * gradient_accumulation))."""
+    gradient_accumulation: int = 1
+    """Micro-batches per optimizer step (memory: one micro-batch's activations at a time). The step's random draws
+    are those of the whole batch, so a run with accumulation reproduces the run without it."""
     seed: int = 0
     """Seed of everything: data order, noise, jumps, initialisation."""
     output_dir: str = "runs/scfm"
@@ -137,8 +141,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("pretrain", "distill"):
             raise ConfigError(f'train.mode must be "pretrain" or "distill", got {self.mode!r}')
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError("train.steps and train.batch_size must be >= 1")
+        if self.steps < 1 or self.batch_size < 1 or self.gradient_accumulation < 1:
+            raise ConfigError("train.steps, train.batch_size and train.gradient_accumulation must be >= 1")
+        if self.batch_size % self.gradient_accumulation:
+            raise ConfigError(f"train.batch_size={self.batch_size} must be a multiple of "
+                              f"train.gradient_accumulation={self.gradient_accumulation}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.on_nonfinite not in ("stop", "skip"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shortcutfm.config import load_config
+from shortcutfm.config import ConfigError, load_config
 from shortcutfm.training import checkpoint as checkpoint_module
 from shortcutfm.training import trainer as trainer_module
 from shortcutfm.workflows import resolve_config_path, run_training
@@ -65,6 +65,21 @@ def test_seeded_runs_reproduce(tmp_path):
     wa, wb, wc = (load_file(str(r.model_dir / "model.safetensors")) for r in (a, b, c))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_gradient_accumulation_reproduces_the_whole_batch_step(tmp_path, teacher_dir):
+    """train.gradient_accumulation=4 splits each step's batch (drawn whole) into 4 micro-batches: the weights match
+    the run without accumulation up to float summation order, and differ from a run with another batch."""
+    runs = {}
+    for name, extra in (("whole", []), ("micro", ["train.gradient_accumulation=4"]),
+                        ("other", ["train.gradient_accumulation=4", "train.batch_size=32"])):
+        runs[name] = run_training(distill_config(tmp_path, teacher_dir, name=name, steps=6, extra=extra), progress=False)
+    whole, micro, other = (load_file(str(runs[n].run_dir / "final" / "model.safetensors")) for n in ("whole", "micro", "other"))
+    for key in whole:
+        torch.testing.assert_close(micro[key], whole[key], atol=2e-6, rtol=1e-5)
+    assert any((other[k] - whole[k]).abs().max() > 1e-4 for k in whole)
+    with pytest.raises(ConfigError, match="multiple of train.gradient_accumulation"):
+        distill_config(tmp_path, teacher_dir, extra=["train.gradient_accumulation=5"])
 
 
 class _Killed(RuntimeError):

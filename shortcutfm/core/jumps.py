@@ -87,6 +87,11 @@ class JumpBatch:
         """(B,) the sigma at which the student is evaluated."""
         return self.sigmas[:, 0]
 
+    def rows(self, rows: slice | torch.Tensor) -> "JumpBatch":
+        """The jumps of rows ``rows`` (a slice, index or mask tensor) of the batch."""
+        return JumpBatch(self.sigmas[rows], self.mode[rows], self.num_steps[rows], self.start[rows], self.shift[rows],
+                         self.t_skip)
+
 
 def _draw_shifts(batch: int, spec: JumpSampling, generator, num_tokens: int | None) -> torch.Tensor:
     low, high = spec.shift_range

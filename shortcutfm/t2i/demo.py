@@ -24,6 +24,7 @@ STUDENT_STEPS = (1, 2, 3, 4, 8, 16)
 TEACHER_EULER_STEPS = (3, 8, 32)
 TEACHER_HEUN_STEPS = (2, 3, 4)  # 3, 5 and 7 evaluations: matched to the student's 3-8 passes
 GRID_STEPS = (1, 3, 32)
+VALIDATION_PROMPTS = 4
 
 
 @dataclass
@@ -140,9 +141,12 @@ def run_t2i_demo(out_dir: Path, overrides: list[str] | None = None, *, num_train
         torch.set_num_threads(sweep_threads)
     if not ev.is_world_pipeline(pipeline_dir):
         raise FileNotFoundError(f"{pipeline_dir} is not a t2i world pipeline (no {ev.MARKER}); see docs/proving_ground.md")
-    config = demo_config(out_dir, pipeline_dir, list(overrides or []))
+    validation_file = out_dir / "validation_prompts.txt"  # validation grids: a few training prompts (never held-out ones)
+    config = demo_config(out_dir, pipeline_dir, [f"validation.prompt_file={validation_file}", *(overrides or [])])
     prompt_file = out_dir / "train_prompts.txt"
-    prompt_file.write_text("\n".join(ev.training_prompts(num_train_prompts, config.train.seed)) + "\n")
+    train_prompts = ev.training_prompts(num_train_prompts, config.train.seed)
+    prompt_file.write_text("\n".join(train_prompts) + "\n")
+    validation_file.write_text("\n".join(train_prompts[:VALIDATION_PROMPTS]) + "\n")
     print(f"Teacher-made data: {num_train_prompts} training prompts, 32 Euler steps each (prepare --prompts).")
     prepare_teacher_data(pipeline_dir, prompt_file, out_dir / "cache", ev.training_guidance_scale(config), progress)
     prepared = time.perf_counter() - started

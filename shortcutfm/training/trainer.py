@@ -18,6 +18,7 @@ Faults are handled so that nothing is lost (docs/reliability.md):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -106,9 +107,11 @@ def _build_accelerator(config: Config, run_dir: Path) -> Accelerator:
     if launched > 1 and accelerator.num_processes != launched:
         raise RuntimeError(f"{launched} processes were launched but Accelerate runs {accelerator.num_processes}: "
                            "they would not train together; check the launcher and the device set-up")
-    if config.train.batch_size % accelerator.num_processes:
+    shares = accelerator.num_processes * config.train.gradient_accumulation
+    if config.train.batch_size % shares:
         raise ValueError(f"train.batch_size ({config.train.batch_size}) must be divisible by the "
-                         f"{accelerator.num_processes} processes")
+                         f"{accelerator.num_processes} processes x train.gradient_accumulation "
+                         f"({config.train.gradient_accumulation})")
     return accelerator
 
 
@@ -243,7 +246,7 @@ def _train_locked(config: Config, setup: TrainingSetup, accelerator: Accelerator
     )
     started = time.perf_counter()
     try:
-        _loop(config, setup, accelerator, run_dir, state, optimizer, student_velocity, targets_from, params, bar)
+        _loop(config, setup, accelerator, run_dir, state, optimizer, module, student_velocity, targets_from, params, bar)
     finally:
         bar.close()
     return _finish(config, setup, accelerator, run_dir, state, started)
@@ -272,10 +275,17 @@ def _finish(config, setup, accelerator, run_dir: Path, state: TrainerState, star
     return TrainResult(run_dir=run_dir, model_dir=model_dir, state=state)
 
 
-def _loop(config, setup, accelerator, run_dir, state, optimizer, student_velocity, targets_from, params, bar) -> None:
+def _micro_batches(local_batch: int, micro: int) -> list[slice]:
+    size = local_batch // micro
+    return [slice(k * size, (k + 1) * size) for k in range(micro)]
+
+
+def _loop(config, setup, accelerator, run_dir, state, optimizer, module, student_velocity, targets_from, params,
+          bar) -> None:
     """Optimizer steps from ``state.step + 1`` to ``train.steps``, with evaluations and checkpoints."""
     student, rank = setup.student, accelerator.process_index
     local_batch = config.train.batch_size // accelerator.num_processes
+    micro = config.train.gradient_accumulation
     scaler = accelerator.scaler  # fp16 on a GPU: the loss scaler Accelerate made (None otherwise)
     max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
     logged_loss = []
@@ -295,17 +305,26 @@ def _loop(config, setup, accelerator, run_dir, state, optimizer, student_velocit
         device = accelerator.device
         x0, noise = x0.to(device), noise.to(device)
         cond = {k: v.to(device) for k, v in cond.items()}
-        batch = scfm_targets(x0, noise, jumps, targets_from, cond)
 
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
-        with accelerator.autocast():
-            prediction = student_velocity(batch.x, batch.sigma, **cond)
-        result = scfm_loss(prediction, batch)
-        last_loss, last_norm = result.loss.item(), None
-        finite = _all_ranks(accelerator, math.isfinite(last_loss))  # checked before backward: ranks agree first
+        # gradient accumulation: the whole batch was drawn above, so micro-batches only split the work
+        losses, last_norm, finite = [], None, True
+        for chunk, rows in enumerate(_micro_batches(local_batch, micro)):
+            chunk_cond = {k: v[rows] for k, v in cond.items()}
+            batch = scfm_targets(x0[rows], noise[rows], jumps.rows(rows), targets_from, chunk_cond)
+            with accelerator.autocast():
+                prediction = student_velocity(batch.x, batch.sigma, **chunk_cond)
+            result = scfm_loss(prediction, batch)
+            losses.append(result.loss.item())
+            finite = _all_ranks(accelerator, math.isfinite(losses[-1]))  # checked before backward: ranks agree first
+            if not finite:
+                break
+            # DDP all-reduces gradients on the last micro-batch only
+            with contextlib.nullcontext() if chunk == micro - 1 else accelerator.no_sync(module):
+                accelerator.backward(result.loss / micro)
+        last_loss = losses[-1] if not finite else sum(losses) / len(losses)
         if finite:
-            accelerator.backward(result.loss)
             # clip_grad_norm_ also unscales fp16 gradients; max_norm=inf when clipping is off (the norm is still read)
             last_norm = float(accelerator.clip_grad_norm_(params, max_norm))
             # gradients are all-reduced, so every rank agrees; with fp16 the scaler handles an overflow below
