@@ -149,7 +149,7 @@ def evaluate(
             if teacher is None:
                 raise ValueError("give RUN (a LoRA run), --pipeline with --lora, or --teacher DIR (built-in models)")
             data = load_model(teacher).info.data  # evaluate on the teacher's data unless an override says otherwise
-            source = data.get("source", data.get("name", ""))
+            source = data.source or data.name
             cfg = load_config(resolve_config_path(config) if config else None, [f"data.source={source}", *arguments])
             report = evaluate_models(cfg, teacher, student, out)
     except USER_ERRORS as exc:

@@ -31,7 +31,7 @@ def sample_builtin(
         cond["y"] = torch.full((num,), label) if label is not None else torch.arange(num) % info.num_classes
     velocity = deployed_velocity(loaded)
     x = euler_sample(velocity, noise, sigma_grid(steps, shift), **cond).x
-    x = Normalization.from_dict(info.data["normalization"]).to_data_space(x)
+    x = Normalization.from_dict(info.data.normalization).to_data_space(x)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"x": x.numpy()}
@@ -39,7 +39,7 @@ def sample_builtin(
         arrays["y"] = cond["y"].numpy()
     np.savez(out, **arrays)
     picture = out.with_suffix(".png")
-    _save_picture(x, info.data.get("kind", "vector"), picture, f"{steps} Euler step{'s' if steps > 1 else ''}")
+    _save_picture(x, info.data.kind, picture, f"{steps} Euler step{'s' if steps > 1 else ''}")
     return [out, picture]
 
 

@@ -3,12 +3,12 @@
 Diffusers families live in :mod:`shortcutfm.models.diffusers` (needs the ``diffusers`` extra).
 """
 
-from .builtin import LoadedModel, ModelInfo, build_model, load_model, save_model
+from .builtin import DataInfo, LoadedModel, ModelInfo, build_model, load_model, save_model
 from .convnet import VelocityConvNet
 from .mlp import VelocityMLP
 from .student import FullStudent, Student
 
 __all__ = [
-    "LoadedModel", "ModelInfo", "build_model", "load_model", "save_model",
+    "DataInfo", "LoadedModel", "ModelInfo", "build_model", "load_model", "save_model",
     "VelocityConvNet", "VelocityMLP", "FullStudent", "Student",
 ]

@@ -21,14 +21,28 @@ AUTO_MLP_MAX_VALUES = 1024
 
 
 @dataclass
+class DataInfo:
+    """The data a built-in model was trained on."""
+
+    name: str = ""  # the data set's name (toy name, "digits", the .npz file's stem)
+    source: str = ""  # data.source of the training config
+    kind: str = "vector"  # "vector" (2-D toys, .npz vectors) or "image"
+    normalization: dict = field(default_factory=dict)  # Normalization.to_dict(): data space <-> model space
+
+
+@dataclass
 class ModelInfo:
     """Everything needed to rebuild a built-in model and to map its samples back to data space."""
 
-    model: dict  # the ModelConfig fields
+    model: dict  # the ModelConfig fields, as written to model.json (typed: model_config)
     sample_shape: list[int]
     num_classes: int
-    data: dict = field(default_factory=dict)  # dataset name and normalisation (see shortcutfm.data)
+    data: DataInfo = field(default_factory=DataInfo)
     trained_by: str = ""  # "pretrain" or "distill"
+
+    def __post_init__(self) -> None:  # model.json holds the data section as a mapping
+        if isinstance(self.data, dict):
+            self.data = DataInfo(**self.data)
 
     @property
     def model_config(self) -> ModelConfig:

@@ -11,7 +11,7 @@ from ..core.grids import sigma_grid
 from ..core.guidance import ClassifierFreeGuidance, null_label_uncond
 from ..data import ArrayDataset, DataSplit, load_dataset
 from ..evaluation.judge import Judge, SampleSet, generate
-from ..models.builtin import LoadedModel, ModelInfo, build_model, load_model, save_model
+from ..models.builtin import DataInfo, LoadedModel, ModelInfo, build_model, load_model, save_model
 from ..models.student import FullStudent, no_wrap
 from .setup import Evaluation, TrainingSetup
 
@@ -39,7 +39,7 @@ def guidance_wrap(num_classes: int, scale: float | None):
 
 def deployed_velocity(loaded: LoadedModel):
     """A saved built-in model as it samples: with the guidance scale it was trained with."""
-    return guidance_wrap(loaded.info.num_classes, loaded.info.model.get("guidance_scale"))(loaded.module)
+    return guidance_wrap(loaded.info.num_classes, loaded.info.model_config.guidance_scale)(loaded.module)
 
 
 def label_dropout(num_classes: int, probability: float):
@@ -97,8 +97,8 @@ def builtin_setup(config: Config, split: DataSplit, judge: Judge | None) -> Trai
         model=model_dict,
         sample_shape=list(train.sample_shape),
         num_classes=train.num_classes,
-        data={"name": train.name, "source": config.data.source, "kind": train.kind,
-              "normalization": train.normalization.to_dict()},
+        data=DataInfo(name=train.name, source=config.data.source, kind=train.kind,
+                      normalization=train.normalization.to_dict()),
         trained_by=config.train.mode,
     )
 
