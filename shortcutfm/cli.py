@@ -295,6 +295,8 @@ def prepare(
     max_sequence_length: Optional[int] = typer.Option(
         None, "--max-sequence-length", help="Text tokens of the long text encoder (T5/Gemma; default: the pipeline's)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images instead of failing (after caching the good ones)."),
+    records_per_shard: int = typer.Option(256, "--records-per-shard",
+        help="Records per shard file (a killed run keeps every finished shard)."),
     buckets: bool = typer.Option(False, "--buckets",
         help="--images: aspect-ratio buckets of about --height x --width pixels (one cache per bucket under --out)."),
 ) -> None:
@@ -314,19 +316,46 @@ def prepare(
         for name, size in (("--height", height), ("--width", width)):
             if size is not None and size <= 0:
                 raise ValueError(f"{name} must be a positive number of pixels, got {size}")
-        pipe = load_pipeline(pipeline)
+        # several processes (torchrun / accelerate launch): each encodes its share into a part, rank 0 merges
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and buckets:
+            raise ValueError("--buckets runs in one process (launch prepare without torchrun for a bucketed cache)")
+        state = None
+        if world > 1:
+            from accelerate import PartialState
+
+            import torch
+
+            # as in the trainer: a CPU-only launch gets its gloo process group only with cpu=True
+            state = PartialState(cpu=not torch.accelerator.is_available())
+        rank = state.process_index if state else 0
+        pipe = load_pipeline(pipeline, device=state.device if state else None)
+        share = {"rank": rank, "world_size": world, "records_per_shard": records_per_shard}
         if prompts is not None:
             report = prepare_from_prompts(pipe, prompts, out, num_steps=steps, height=height, width=width, seed=seed,
-                                          model_id=pipeline, max_sequence_length=max_sequence_length)
+                                          model_id=pipeline, max_sequence_length=max_sequence_length, **share)
         else:
             report = prepare_from_folder(pipe, images, out, height=height, width=width, model_id=pipeline,
-                                         on_error="skip" if skip_bad else "raise",
-                                         max_sequence_length=max_sequence_length, buckets=buckets)
+                                         # several processes: every rank finishes and merges before bad inputs fail it
+                                         on_error="skip" if skip_bad or state is not None else "raise",
+                                         max_sequence_length=max_sequence_length, buckets=buckets, **share)
+        if state is not None:
+            from .preparation.parts import merge_parts
+
+            state.wait_for_everyone()
+            if state.is_main_process:
+                report.num_records = merge_parts(out)
+            state.wait_for_everyone()
+            if report.failed and not skip_bad:
+                raise PreparationError(report)
     except PreparationError as exc:
         _fail(exc)
     except USER_ERRORS as exc:
         _fail(exc)
-    console.print(report.summary())
+    finally:
+        end_distributed()
+    if rank == 0:
+        console.print(report.summary() + (f" (merged from {world} processes)" if world > 1 else ""))
 
 
 @app.command("export-kohya")

@@ -86,14 +86,15 @@ def absent_components(pretrained: str) -> dict:
             if isinstance(value, list) and value == [None, None]}
 
 
-def load_pipeline(pretrained: str, dtype: str = "bfloat16"):
-    """A diffusers pipeline on the GPU when there is one (bf16), else on the CPU in float32."""
+def load_pipeline(pretrained: str, dtype: str = "bfloat16", device: torch.device | str | None = None):
+    """A diffusers pipeline on the GPU when there is one (bf16), else on the CPU in float32; ``device`` picks one
+    (a multi-process run: this process's GPU)."""
     from diffusers import DiffusionPipeline
 
-    use_cuda = torch.cuda.is_available()
-    torch_dtype = getattr(torch, dtype) if use_cuda else torch.float32
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = getattr(torch, dtype) if device.type == "cuda" else torch.float32
     pipe = DiffusionPipeline.from_pretrained(pretrained, torch_dtype=torch_dtype, **absent_components(pretrained))
-    return pipe.to("cuda" if use_cuda else "cpu")
+    return pipe.to(device)
 
 
 def _cache_layout(source: str | None) -> dict | None:

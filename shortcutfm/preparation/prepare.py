@@ -182,24 +182,29 @@ def _load_image(item: ImageCaption, settings: Mapping[str, Any], layout: CacheLa
 def prepare_from_folder(pipe, folder: str | Path, out_dir: str | Path, *, height: int | None = None,
                         width: int | None = None, on_error: OnError = "raise", allow_upscale: bool = False,
                         batch_size: int = 4, max_sequence_length: int | None = None, model_id: str | None = None,
-                        records_per_shard: int = 256, buckets: bool = False,
+                        records_per_shard: int = 256, buckets: bool = False, rank: int = 0, world_size: int = 1,
                         show_progress: bool = True) -> PreparationReport:
     """Cache the VAE latents (resize + center crop to ``height x width``, latent mean) and caption embeddings of
     the images in ``folder`` (see :mod:`.inputs` for the caption conventions) into ``out_dir``.
 
     ``height``/``width`` default to the pipeline's default resolution; ``model_id`` to ``pipe.name_or_path``.
     ``buckets``: aspect-ratio buckets of about ``height * width`` pixels, one cache per bucket under ``out_dir``
-    (:mod:`.buckets`); each image goes to the bucket nearest its aspect ratio.
+    (:mod:`.buckets`); each image goes to the bucket nearest its aspect ratio. ``rank``/``world_size``: this
+    process's share of a multi-process run, written to its part cache (:mod:`.parts`; merge with ``merge_parts``).
     Raises :class:`PreparationError` after caching the good images if some failed and ``on_error="raise"``."""
     _check_on_error(on_error)
     _check_positive(batch_size=batch_size)
     layout = resolve_layout(pipe, height, width, max_sequence_length, model_id)
     items = list_image_captions(folder)
+    target, known = _share_target(out_dir, rank, world_size)
     if not buckets:
         report = PreparationReport(Path(out_dir))
-        writer = _prepare_items(pipe, items, folder, out_dir, layout, report, allow_upscale=allow_upscale,
-                                batch_size=batch_size, records_per_shard=records_per_shard, show_progress=show_progress)
+        writer = _prepare_items(pipe, items[rank::world_size], folder, target, layout, report,
+                                allow_upscale=allow_upscale, batch_size=batch_size, records_per_shard=records_per_shard,
+                                show_progress=show_progress, known_keys=known)
         return _finish(report, writer.num_records, on_error)
+    if world_size > 1:
+        raise ValueError("--buckets runs in one process (launch prepare without torchrun for a bucketed cache)")
     from .buckets import bucket_dir_name, bucket_sizes, nearest_bucket, write_bucket_index
 
     sizes = bucket_sizes(layout.height, layout.width, pixel_multiple(pipe))
@@ -238,10 +243,22 @@ def _existing_buckets(out_dir: Path, sizes: list[tuple[int, int]], exclude: set)
     return [size for size in sizes if size not in exclude and (out_dir / bucket_dir_name(*size)).is_dir()]
 
 
+def _share_target(out_dir, rank: int, world_size: int) -> tuple[Path, set[str]]:
+    """Where this process writes and which records the merged cache already holds (multi-process runs)."""
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"rank {rank!r} must be in [0, world_size={world_size!r})")
+    if world_size == 1:
+        return Path(out_dir), set()
+    from .parts import held_keys, part_dir
+
+    return part_dir(out_dir, rank), held_keys(out_dir)
+
+
 def _prepare_items(pipe, items: list[ImageCaption], folder, out_dir, layout: CacheLayout, report: PreparationReport, *,
-                   allow_upscale: bool, batch_size: int, records_per_shard: int, show_progress: bool) -> CacheWriter:
+                   allow_upscale: bool, batch_size: int, records_per_shard: int, show_progress: bool,
+                   known_keys: set[str] = frozenset()) -> CacheWriter:
     settings = {"source": "folder", **asdict(layout), "latents": "vae_latent_mean"}
-    with CacheWriter(out_dir, layout, {**settings, "folder": str(folder)}, records_per_shard) as writer:
+    with CacheWriter(out_dir, layout, {**settings, "folder": str(folder)}, records_per_shard, known_keys) as writer:
         _ensure_uncond(pipe, writer, layout)
         batch: list[tuple[RecordInfo, Image.Image]] = []
         for position, item in enumerate(tqdm(items, desc="encoding images", disable=not show_progress)):
@@ -262,14 +279,16 @@ def prepare_from_prompts(pipe, prompt_file: str | Path, out_dir: str | Path, *, 
                          seed: int = 0, samples_per_prompt: int = 1, batch_size: int = 4,
                          max_sequence_length: int | None = None, model_id: str | None = None,
                          pipeline_kwargs: Mapping[str, Any] | None = None, records_per_shard: int = 256,
-                         show_progress: bool = True) -> PreparationReport:
+                         rank: int = 0, world_size: int = 1, show_progress: bool = True) -> PreparationReport:
     """Sample the teacher ``pipe`` on every prompt of ``prompt_file`` (``num_steps`` steps, the pipeline's own
     schedule) and cache the final latents with the prompt embeddings into ``out_dir``.
 
     Sample ``i`` of a prompt uses ``torch.Generator("cpu").manual_seed(prompt_seed(seed, prompt, i))``; the stored
     latents equal ``pipe(prompt, generator=that, output_type="latent", ...)`` (Flux's unpacked to (C, H, W)).
     ``guidance_scale=None`` uses the pipeline's default; ``pipeline_kwargs`` go to ``pipe(...)`` as they are
-    (JSON-able values only, they are part of the records' keys). Duplicate prompts count as already cached."""
+    (JSON-able values only, they are part of the records' keys). Duplicate prompts count as already cached.
+    ``rank``/``world_size``: this process takes every ``world_size``-th prompt sample from position ``rank`` into
+    its part cache (:mod:`.parts`; ``merge_parts`` merges the parts into ``out_dir``)."""
     prompts = read_prompt_file(prompt_file)
     layout = resolve_layout(pipe, height, width, max_sequence_length, model_id)
     _check_positive(num_steps=num_steps, samples_per_prompt=samples_per_prompt, batch_size=batch_size)
@@ -285,19 +304,20 @@ def prepare_from_prompts(pipe, prompt_file: str | Path, out_dir: str | Path, *, 
     settings = {"source": "teacher", **asdict(layout), "num_steps": num_steps,
                 "guidance_scale": float(guidance_scale), "pipeline_kwargs": extra}
     report = PreparationReport(Path(out_dir))
-    with CacheWriter(out_dir, layout, settings, records_per_shard) as writer:
+    target, known = _share_target(out_dir, rank, world_size)
+    units = [(prompt, sample_index) for prompt in prompts for sample_index in range(samples_per_prompt)]
+    with CacheWriter(target, layout, settings, records_per_shard, known) as writer:
         _ensure_uncond(pipe, writer, layout)
         todo: list[RecordInfo] = []
         todo_keys: set[str] = set()
-        for prompt in prompts:
-            for sample_index in range(samples_per_prompt):
-                noise_seed = prompt_seed(seed, prompt, sample_index)
-                key = content_key(noise_seed.to_bytes(8, "little"), prompt, settings)
-                if writer.has(key) or key in todo_keys:
-                    report.already_cached += 1
-                else:
-                    todo.append(RecordInfo(key, prompt, "teacher", noise_seed))
-                    todo_keys.add(key)
+        for prompt, sample_index in units[rank::world_size]:
+            noise_seed = prompt_seed(seed, prompt, sample_index)
+            key = content_key(noise_seed.to_bytes(8, "little"), prompt, settings)
+            if writer.has(key) or key in todo_keys:
+                report.already_cached += 1
+            else:
+                todo.append(RecordInfo(key, prompt, "teacher", noise_seed))
+                todo_keys.add(key)
         progress = tqdm(total=len(todo), desc="sampling the teacher", disable=not show_progress)
         for start in range(0, len(todo), batch_size):
             records = todo[start:start + batch_size]

@@ -57,12 +57,15 @@ class CacheWriter:
     written even when the run stops on an error.
 
     ``layout`` must equal the layout of an existing cache there; ``run_settings`` (JSON-able) is appended to
-    the manifest's ``runs``. Records are buffered and written ``records_per_shard`` at a time.
+    the manifest's ``runs``. Records are buffered and written ``records_per_shard`` at a time. ``known_keys``:
+    records held elsewhere (a multi-process run's merged cache) that count as cached.
     """
 
     def __init__(
-        self, cache_dir: str | Path, layout: CacheLayout, run_settings: Mapping[str, Any], records_per_shard: int = 256
+        self, cache_dir: str | Path, layout: CacheLayout, run_settings: Mapping[str, Any], records_per_shard: int = 256,
+        known_keys: set[str] | frozenset[str] = frozenset(),
     ):
+        self.known_keys = frozenset(known_keys)
         if records_per_shard < 1:
             raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
         self.cache_dir = Path(cache_dir)
@@ -144,8 +147,27 @@ class CacheWriter:
             self.tensor_specs.setdefault(name, tensor_spec(tensor, batched=True))
 
     def has(self, key: str) -> bool:
-        """Whether a record with this content key is cached (or buffered by this writer)."""
-        return key in self.cached_keys or key in self._pending_keys
+        """Whether a record with this content key is cached (or buffered by this writer, or known elsewhere)."""
+        return key in self.cached_keys or key in self._pending_keys or key in self.known_keys
+
+    def adopt_shard(self, path: Path) -> None:
+        """Take in a whole shard file of another cache with the same layout (a multi-process run's part): renamed
+        into this cache when none of its records is here yet, else its new records are added one by one."""
+        shard = read_shard(path)
+        self._check_layout(shard.layout, path)
+        self._check_or_set_specs(shard.tensors, f"shard {path}")
+        if not any(self.has(record.key) for record in shard.records):
+            self.flush()
+            target = self.cache_dir / f"shard-{self._next_shard_index():05d}.safetensors"
+            os.replace(path, target)  # one rename on one file system: the shard is in one place or the other
+            self.shards.append({"file": target.name, "num_records": len(shard.records)})
+            self.cached_keys.update(record.key for record in shard.records)
+            self.write_manifest()
+            return
+        for index, record in enumerate(shard.records):
+            self.add(record, {name: tensor[index] for name, tensor in shard.tensors.items()})
+        self.flush()
+        path.unlink()
 
     @property
     def has_uncond(self) -> bool:
