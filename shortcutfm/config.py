@@ -68,6 +68,9 @@ class ModelConfig:
     """Diffusers families: local path or hub id of the pretrained pipeline (its transformer is the teacher)."""
     dtype: str = "float32"
     """Dtype of the frozen base weights (float32, bfloat16, float16)."""
+    quantize: str = "none"
+    """Diffusers LoRA runs: store the frozen base's linear weights quantized: none, int8 (torchao weight-only, CPU
+    and GPU, half of bf16) or nf4 (bitsandbytes, CUDA, a quarter); adapters and EMAs stay float32."""
     gradient_checkpointing: bool = False
     """Diffusers families: recompute activations in the backward pass to save memory."""
 
@@ -76,6 +79,8 @@ class ModelConfig:
             raise ConfigError(f"model.label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantize not in ("none", "int8", "nf4"):
+            raise ConfigError(f"model.quantize must be none, int8 or nf4, got {self.quantize!r}")
         for name in ("width", "depth", "channels", "blocks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -95,6 +100,8 @@ class OptimConfig:
     """Learning-rate schedule after warm-up: constant or cosine (to 0 at train.steps)."""
     grad_clip: float = 1.0
     """Gradient-norm clipping (0 = off). The paper: 10 for Flux, 2 for SD3."""
+    optimizer: str = "adamw"
+    """adamw (torch) or adamw8bit (bitsandbytes: 8-bit moment states, a quarter of AdamW's state memory)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -104,6 +111,8 @@ class OptimConfig:
             raise ConfigError(f'optim.schedule must be "constant" or "cosine", got {self.schedule!r}')
         if self.grad_clip < 0 or self.warmup_steps < 0:
             raise ConfigError("optim.grad_clip and optim.warmup_steps must be >= 0")
+        if self.optimizer not in ("adamw", "adamw8bit"):
+            raise ConfigError(f'optim.optimizer must be "adamw" or "adamw8bit", got {self.optimizer!r}')
 
 
 @dataclass
@@ -397,10 +406,12 @@ def check_sections(config: Config) -> None:
             unused.append("model.label_dropout (caption dropout is for train.mode=pretrain)")
         if mode == "pretrain":
             unused += [f"lora.{f.name}" for f in dataclasses.fields(config.lora) if _changed(config.lora, f.name)]
+            unused += ["model.quantize (a quantized base is for LoRA training)"] if _changed(config.model, "quantize") else []
             unused += [f"validation.{n}" for n in ("prompts", "prompt_file") if _changed(config.validation, n)]
     else:
         unused += [f"lora.{f.name}" for f in dataclasses.fields(config.lora) if _changed(config.lora, f.name)]
-        unused += [f"model.{n}" for n in ("pretrained", "dtype", "gradient_checkpointing") if _changed(config.model, n)]
+        unused += [f"model.{n}" for n in ("pretrained", "dtype", "gradient_checkpointing", "quantize")
+                   if _changed(config.model, n)]
         unused += [f"validation.{f.name}" for f in dataclasses.fields(config.validation)
                    if _changed(config.validation, f.name)]
         if kind == "mlp":

@@ -60,27 +60,45 @@ class CheckpointError(ValueError):
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    out, seen = {}, set()
+    for key, value in tensors.items():
+        value = value.detach().contiguous().cpu()
+        # safetensors refuses tensors that share memory (bitsandbytes' 8-bit AdamW shares its quantization maps)
+        pointer = value.untyped_storage().data_ptr() if value.numel() else None
+        out[key] = value.clone() if pointer in seen else value
+        seen.add(pointer)
+    save_file(out, str(path))
 
 
 def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and JSON-able metadata."""
+    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and JSON-able metadata. A parameter's state
+    may nest mappings (bitsandbytes' 8-bit AdamW keeps its quantization state in one): their keys join with "/"."""
     tensors, scalars = {}, {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}/{key}", inner)
+        elif torch.is_tensor(value):
+            tensors[prefix] = value
+        else:
+            scalars[prefix] = value
+
     for param_id, param_state in state["state"].items():
         for key, value in param_state.items():
-            name = f"{param_id}.{key}"
-            if torch.is_tensor(value):
-                tensors[name] = value
-            else:
-                scalars[name] = value
+            walk(f"{param_id}.{key}", value)
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict = {}
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):
-        param_id, key = name.split(".", 1)
-        state.setdefault(int(param_id), {})[key] = value
+        param_id, path = name.split(".", 1)
+        node = state.setdefault(int(param_id), {})
+        *parents, leaf = path.split("/")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

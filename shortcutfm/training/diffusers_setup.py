@@ -147,6 +147,7 @@ def diffusers_setup(config: Config) -> TrainingSetup:
         lora=config.lora,
         schedule=config.ema,
         dtype=DTYPES[config.model.dtype],
+        quantize=config.model.quantize,
         uncond=cache.uncond,
         guidance_scale=config.model.guidance_scale,
         gradient_checkpointing=config.model.gradient_checkpointing,

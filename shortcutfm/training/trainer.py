@@ -228,9 +228,7 @@ def _train_locked(config: Config, setup: TrainingSetup, accelerator: Accelerator
                   progress: bool) -> TrainResult:
     student = setup.student
     params = list(student.trainable_tensors().values())
-    optimizer = torch.optim.AdamW(
-        params, lr=config.optim.lr, betas=config.optim.betas, weight_decay=config.optim.weight_decay
-    )
+    optimizer = build_optimizer(config, params)
     state = _resume(accelerator, run_dir, student, optimizer) if resume else TrainerState()
     if accelerator.is_main_process:  # after the resume check: a refused resume keeps the run's own config.yaml
         save_config(config, run_dir / "config.yaml")
@@ -358,6 +356,18 @@ def _loop(config, setup, accelerator, run_dir, state, optimizer, module, student
         if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) or step == config.train.steps:
             _checkpoint(accelerator, config, setup, optimizer, state, run_dir)
         step += 1
+
+
+def build_optimizer(config: Config, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """AdamW (torch) or bitsandbytes' 8-bit AdamW (``optim.optimizer``), with the config's rate, betas and decay."""
+    optim = config.optim
+    if optim.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError('optim.optimizer=adamw8bit needs bitsandbytes: pip install "shortcutfm[quant]"') from None
+        return bnb.optim.AdamW8bit(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
 
 
 def _validation_due(config: Config, step: int) -> bool:

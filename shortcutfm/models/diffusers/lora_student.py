@@ -113,14 +113,20 @@ class LoraStudent:
         lora: LoraSettings | None = None,
         schedule: EMASchedule | None = None,
         dtype: torch.dtype = torch.bfloat16,
+        quantize: str = "none",
         subfolder: str | None = "transformer",
         uncond: Mapping[str, torch.Tensor] | None = None,
         guidance_scale: float | None = None,
         gradient_checkpointing: bool = True,
     ) -> "LoraStudent":
-        """Load the family's transformer in ``dtype`` (frozen base) and add the float32 adapters."""
+        """Load the family's transformer in ``dtype`` (frozen base; ``quantize``: "int8" or "nf4" stores its
+        linear weights quantized, :mod:`.quantization`) and add the float32 adapters."""
+        from .quantization import quantization_config
+
         family = get_family(family)
-        transformer = load_transformer(family, pretrained_path_or_id, subfolder=subfolder, dtype=dtype)
+        config = quantization_config(quantize, dtype)
+        extra = {"quantization_config": config} if config is not None else {}
+        transformer = load_transformer(family, pretrained_path_or_id, subfolder=subfolder, dtype=dtype, **extra)
         return cls(
             family.velocity(transformer), family, lora=lora, schedule=schedule, uncond=uncond,
             guidance_scale=guidance_scale, gradient_checkpointing=gradient_checkpointing,
