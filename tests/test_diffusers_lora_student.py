@@ -14,12 +14,12 @@ from shortcutfm.models.diffusers import FLUX, SD3, LoraSettings, LoraStudent, ad
 torch.set_num_threads(1)
 
 
-def make_student(family="flux", mode="dual", dtype=torch.float32, **kwargs) -> LoraStudent:
+def make_student(family="flux", mode="dual", dtype=torch.float32, ema_init="zero", **kwargs) -> LoraStudent:
     transformer = tiny_transformer(family, dtype=dtype)
     schedule = EMASchedule(mode=mode, fast_decay=0.9, slow_decay=0.99)
     kwargs.setdefault("guidance_scale", 0.0)
     return LoraStudent(FLUX.velocity(transformer) if family == "flux" else SD3.velocity(transformer), family,
-                       lora=LoraSettings(rank=4, alpha=4), schedule=schedule, **kwargs)
+                       lora=LoraSettings(rank=4, alpha=4, ema_init=ema_init), schedule=schedule, **kwargs)
 
 
 def perturb(tensors, seed):
@@ -51,7 +51,7 @@ def test_only_student_lora_is_trainable_in_float32_on_a_bfloat16_base():
 
 
 def test_emas_are_the_adapter_weights_and_start_as_the_student():
-    student = make_student()
+    student = make_student(ema_init="student")
     keys = set(student.trainable_tensors())
     for ema, adapter in ((student.emas.fast, "ema_fast"), (student.emas.slow, "ema_slow")):
         weights = adapter_tensors(student.transformer, adapter)
