@@ -7,7 +7,8 @@ Nothing is downloaded and nothing full-size is allocated: the transformer (19 do
 What is *counted* from the module tree (exact arithmetic, no measurement):
 
 1. Frozen base weights: bf16 (2 bytes/param); int8 weight-only, torchao style (every ``nn.Linear`` weight
-   1 byte/element + one bf16 scale per output row; biases, norms and all other parameters bf16); NF4,
+   1 byte/element + one bf16 scale per output row; biases, norms and all other parameters bf16; the installed
+   torchao 0.18 ``Int8Tensor`` keeps a float32 scale and an int8 zero point per row, also shown); NF4,
    bitsandbytes style (every ``nn.Linear`` weight 0.5 byte/element + one float32 absmax per block of 64
    elements, no double quantization, as ``shortcutfm.models.diffusers.quantization`` configures it; the rest bf16).
 2. LoRA at ``--rank`` on the family's default targets (``families.flux.LORA_TARGETS``, peft's suffix match on
@@ -19,13 +20,16 @@ What is *counted* from the module tree (exact arithmetic, no measurement):
 
 What is *measured* on the meta device (activations):
 
-3. One training forward of the whole model (LoRA injected by peft, base frozen, noisy latents without grad,
-   so the graph exists only because the adapters are trainable, as in training) under
+3. A training forward (LoRA injected by peft, base frozen, noisy latents without grad, so the graph exists
+   only because the adapters are trainable, as in training) under
    ``torch.autograd.graph.saved_tensors_hooks``: the pack hook records the untyped storage (and its byte size)
    of every tensor autograd saves for backward, attributed to the block running at the time (forward
    pre-/post-hooks), deduplicated by storage (views and tensors saved by several ops count once) and excluding
    parameter storages (a saved weight is not extra memory). Block inputs are recorded by the pre-hooks.
-   The loss (float32 MSE against a target, as ``scfm_loss``) is included.
+   The loss (float32 MSE against a target, as ``scfm_loss``) is included. The meta kernels are slow Python,
+   so each configuration runs the embedders, 2 double + 2 single blocks and the head, and adds the other
+   17 double + 36 single blocks from the second block of each type (identical shapes); one configuration is
+   also run at full depth (57 blocks) and must agree to the byte (``--full-depth`` runs all of them so).
 
    Gradient checkpointing per transformer block (the project's FLUX default) keeps each block's inputs and
    recomputes one block at a time during backward, so
@@ -43,22 +47,28 @@ What is *measured* on the meta device (activations):
    ``aten._scaled_dot_product_flash_attention``, whose meta kernel and autograd node save exactly what the
    fused GPU kernel saves. The totals use the fused path.
 
-   Precision, two variants: ``bf16`` (base, adapters and inputs in bf16, no autocast) and ``trainer``
-   (float32 adapters under bf16 autocast, what ``train.mixed_precision: bf16`` runs). Autocast has no meta
-   backend, so it is emulated with a ``TorchFunctionMode`` applying CUDA autocast's rules to the two op kinds
-   this model uses them for: ``F.linear`` computes in bf16 (casting its float32 inputs, e.g. LoRA weights,
-   as fresh copies), ``F.layer_norm`` computes in float32 (so the AdaLN-modulated hidden states are float32).
-   The other ops follow ordinary type promotion, as they do under autocast. The totals use ``trainer``.
+   Precision, three variants: ``bf16`` (base, adapters and inputs in bf16, no autocast); ``trainer``
+   (float32 adapters under bf16 autocast, what ``train.mixed_precision: bf16`` runs); ``trainer-int8`` (the
+   same on a torchao int8 weight-only base). Autocast has no meta backend, so it is emulated with a
+   ``TorchFunctionMode`` applying CUDA autocast's rules to the op kinds this model uses them for: ``F.linear``
+   and ``mm`` compute in bf16 (casting float32 inputs, e.g. LoRA weights and peft's float32 copy of a LoRA
+   input, as fresh copies), ``F.layer_norm`` computes in float32 (so the AdaLN-modulated hidden states are
+   float32); the other ops follow ordinary type promotion, as under autocast. ``trainer-int8`` also replays
+   torchao 0.18's per-row weight-only ``F.linear`` override (it runs above autograd: ``mm(x,
+   qdata.t().to(x.dtype)) * scale``), so the bf16 copy of each frozen weight that autograd saves for the
+   input gradient is measured. bitsandbytes 0.50's NF4 ``MatMul4Bit`` keeps only the packed weight for
+   backward (``ctx.tensors = (None, B)``), so NF4 uses the ``trainer`` activations. The totals use ``trainer``
+   (bf16 and NF4 bases) and ``trainer-int8`` (int8 base), all with fused attention and checkpointing.
 
-4. Totals: base + 3 adapters + student gradients + optimizer state + activations (trainer precision, fused
-   attention, checkpointed), and which GPUs fit: total + 1 GiB (CUDA context) <= 90% of the card, the 10%
-   covering the allocator's fragmentation and caches, cuBLAS workspaces and backward's transient gradient
-   buffers. Cards: 24 GB = 24 GiB (RTX 3090/4090), 48 GB = 48 GiB (A6000 / L40S), 80 GB = 80 GiB (A100/H100).
+4. Totals: base + 3 adapters + student gradients + optimizer state + activations, and which GPUs fit:
+   total + 1 GiB (CUDA context) <= 90% of the card, the 10% covering the allocator's fragmentation and caches,
+   cuBLAS workspaces and backward's transient gradient buffers. Cards: 24 GB = 24 GiB (RTX 3090/4090),
+   48 GB = 48 GiB (A6000 / L40S), 80 GB = 80 GiB (A100/H100).
 
     python benchmarks/memory_table.py                       # prints the tables
-    python benchmarks/memory_table.py --rank 64 --out docs/memory.md
+    python benchmarks/memory_table.py --rank 64 --out memory.md   # and writes them
 
-Runs in well under a minute on one CPU core; peak host memory is printed at the end (a few hundred MB).
+About 30 s on one CPU core (half of it importing diffusers); peak host memory is printed at the end (~0.6 GB).
 """
 
 from __future__ import annotations
@@ -141,6 +151,8 @@ class BaseCount:
             return 2 * self.params
         if kind == "int8":
             return self.linear_weight + 2 * self.linear_rows + 2 * self.other
+        if kind == "int8-torchao":  # torchao 0.18 Int8Tensor: float32 scale + int8 zero point per row
+            return self.linear_weight + 5 * self.linear_rows + 2 * self.other
         if kind == "nf4":
             return 0.5 * self.linear_weight + 4 * self.nf4_blocks + 2 * self.other
         raise ValueError(kind)
@@ -238,6 +250,7 @@ class SavedTensorMeter:
         self.saved: dict[str, dict[int, int]] = {}  # label -> {storage id: nbytes}
         self.inputs: dict[str, dict[int, int]] = {}  # block label -> {storage id: nbytes}
         self.square: dict[str, dict[int, int]] = {}  # label -> T x T storages (math attention)
+        self.meta: dict[int, tuple] = {}  # storage id -> (shape, dtype) of the first tensor saved on it
         self.keep: list[torch.Tensor] = []  # keeps storage ids unique while measuring (meta: costs nothing)
         self.param_ids = {p.untyped_storage()._cdata for p in model.parameters()}
         self.tokens = 0
@@ -276,6 +289,7 @@ class SavedTensorMeter:
         key = st._cdata
         if key not in self.param_ids:
             self.saved.setdefault(self.label, {})[key] = st.nbytes()
+            self.meta.setdefault(key, (tuple(t.shape), str(t.dtype).replace("torch.", "")))
             if t.dim() >= 2 and t.shape[-1] == t.shape[-2] == self.tokens:
                 self.square.setdefault(self.label, {})[key] = st.nbytes()
             self.keep.append(t)
@@ -290,11 +304,20 @@ class SavedTensorMeter:
             h.remove()
 
 
-class EmulatedAutocast(TorchFunctionMode):
-    """CUDA bf16 autocast's rules for the ops that matter here (autocast has no meta backend): F.linear in bf16,
-    F.layer_norm in float32; casts are ordinary (autograd-recorded) ``.to`` copies, as autocast's are."""
+class TrainerEmulation(TorchFunctionMode):
+    """CUDA bf16 autocast's rules for the ops that matter here (autocast has no meta backend): F.linear (and mm)
+    in bf16, F.layer_norm in float32; casts are ordinary (autograd-recorded) ``.to`` copies, as autocast's are.
+
+    ``int8_weights``: frozen base weights to treat as torchao 0.18 ``Int8Tensor`` (per-row weight-only), whose
+    ``F.linear`` override runs above autograd as ``mm(x, qdata.t().to(x.dtype)) * scale (+ bias)``: the
+    int8 -> float copy of the weight is what autograd then saves for the input gradient."""
 
     LOW, HIGH = torch.bfloat16, torch.float32
+
+    def __init__(self, int8_weights=()):
+        super().__init__()
+        self.int8 = {id(w): w for w in int8_weights}
+        self.qdata: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
     def _cast(obj, dtype):
@@ -302,9 +325,26 @@ class EmulatedAutocast(TorchFunctionMode):
             return obj.to(dtype)
         return obj
 
+    def _int8_linear(self, x, weight, bias=None):
+        if id(weight) not in self.qdata:  # the quantized storage (a parameter: never counted as saved)
+            self.qdata[id(weight)] = (torch.empty(weight.shape, device=weight.device, dtype=torch.int8),
+                                      torch.empty(weight.shape[0], 1, device=weight.device, dtype=torch.float32))
+        qdata, scale = self.qdata[id(weight)]
+        output_dtype = x.dtype
+        w = self._cast(qdata.t().to(output_dtype), self.LOW)  # torchao's .to(output_dtype), then autocast's mm cast
+        m = torch.mm(self._cast(x.reshape(-1, x.shape[-1]), self.LOW), w)
+        y = m * scale.to(m.dtype).flatten()
+        y = y.reshape(*x.shape[:-1], qdata.shape[0])
+        if bias is not None:
+            y += bias
+        return y.to(output_dtype)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if id(weight) in self.int8:
+                return self._int8_linear(*args, **kwargs)
             args = tuple(self._cast(a, self.LOW) for a in args)
             kwargs = {k: self._cast(v, self.LOW) for k, v in kwargs.items()}
         elif func is F.layer_norm:
@@ -337,13 +377,15 @@ class ActivationResult:
     resolution: int
     precision: str
     attention: str
-    double_block: int  # saved bytes of the largest double block, its inputs excluded
+    depth: str  # "full" (57 blocks run) or "2+2" (2 double + 2 single run, the rest added per block)
+    double_block: int  # saved bytes of one double block (a steady-state one: not the first), its inputs excluded
     single_block: int
     double_square: int  # of which T x T (math attention)
     single_square: int
-    block_inputs: int  # union of all blocks' input storages
-    outside: int  # embedders, head, loss (not checkpointed), beyond block inputs
+    block_inputs: int  # union of the 57 blocks' input storages
+    outside: int  # saved by embedders, head and loss (not checkpointed), beyond block inputs
     no_checkpoint: int  # union of every saved storage
+    breakdown: dict = field(default_factory=dict)  # block type -> [(shape, dtype, nbytes)] of its saved storages
 
     @property
     def recompute(self) -> int:
@@ -353,16 +395,39 @@ class ActivationResult:
     def checkpointed(self) -> int:
         return self.block_inputs + self.outside + self.recompute
 
+    def totals(self):
+        return self.double_block, self.single_block, self.block_inputs, self.outside, self.no_checkpoint
 
-def measure_activations(model: nn.Module, batch: int, resolution: int, precision: str, attention: str) -> ActivationResult:
+
+@contextlib.contextmanager
+def truncated(model: nn.Module, double: int | None, single: int | None):
+    """Run only the first ``double`` / ``single`` blocks (None = all)."""
+    saved = model.transformer_blocks, model.single_transformer_blocks
+    if double is not None:
+        model.transformer_blocks = nn.ModuleList(list(saved[0])[:double])
+        model.single_transformer_blocks = nn.ModuleList(list(saved[1])[:single])
+    try:
+        yield
+    finally:
+        model.transformer_blocks, model.single_transformer_blocks = saved
+
+
+def measure_activations(model: nn.Module, batch: int, resolution: int, precision: str, attention: str,
+                        full_depth: bool = False) -> ActivationResult:
+    """One training forward on meta under the saved-tensor meter (see the module docstring).
+
+    ``full_depth=False`` runs 2 double + 2 single blocks (the meta kernels are slow Python) and adds the other
+    17 double and 36 single blocks from the second block of each type, which has the same shapes as all later
+    ones; ``full_depth=True`` runs all 57 (``report`` checks that both agree on one configuration)."""
     from shortcutfm.models.diffusers.families.flux import unpack_latents
 
+    n_double, n_single = len(model.transformer_blocks), len(model.single_transformer_blocks)
+    run_double, run_single = (n_double, n_single) if full_depth else (min(2, n_double), min(2, n_single))
     latent = resolution // 8  # VAE factor 8; packed 2x2 -> (res/16)^2 tokens
     image_tokens = (latent // 2) ** 2
-    dtype = torch.bfloat16
-    meta = dict(device="meta", dtype=dtype)
+    meta = dict(device="meta", dtype=torch.bfloat16)
     inputs = dict(
-        hidden_states=torch.empty(batch, image_tokens, 64, **meta),
+        hidden_states=torch.empty(batch, image_tokens, 64, **meta),  # noisy latents: no grad, as in training
         encoder_hidden_states=torch.empty(batch, TEXT_TOKENS, 4096, **meta),
         pooled_projections=torch.empty(batch, 768, **meta),
         timestep=torch.empty(batch, **meta),
@@ -370,22 +435,34 @@ def measure_activations(model: nn.Module, batch: int, resolution: int, precision
         txt_ids=torch.zeros(TEXT_TOKENS, 3, **meta),
         img_ids=torch.zeros(image_tokens, 3, **meta),
     )
-    meter = SavedTensorMeter(model)
-    meter.tokens = TEXT_TOKENS + image_tokens
     attn_ctx = fused_attention() if attention == "fused" else contextlib.nullcontext()
-    cast_ctx = EmulatedAutocast() if precision == "trainer" else contextlib.nullcontext()
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack), attn_ctx:
-            with cast_ctx:
-                out = model(**inputs, return_dict=False)[0]
-            prediction = unpack_latents(out, latent, latent).float()  # FluxVelocity returns latents.dtype
-            target = torch.empty(prediction.shape, device="meta", dtype=torch.float32)
-            loss = F.mse_loss(prediction.float(), target, reduction="none").flatten(1).mean(1).mean()
-        if not loss.requires_grad:
-            raise RuntimeError("no autograd graph: are the LoRA parameters trainable?")
-    finally:
-        meter.close()
+    if precision == "bf16":
+        cast_ctx = contextlib.nullcontext()
+    else:  # trainer: fp32 LoRA under bf16 autocast; trainer-int8: the same on a torchao int8 weight-only base
+        int8 = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lora_" not in n]
+        int8 = int8 if precision == "trainer-int8" else []
+        cast_ctx = TrainerEmulation(int8_weights=int8)
+    with truncated(model, run_double, run_single):
+        meter = SavedTensorMeter(model)
+        meter.tokens = TEXT_TOKENS + image_tokens
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack), attn_ctx:
+                with cast_ctx:
+                    out = model(**inputs, return_dict=False)[0]
+                prediction = unpack_latents(out, latent, latent).float()  # FluxVelocity returns latents.dtype
+                target = torch.empty(prediction.shape, device="meta", dtype=torch.float32)
+                loss = F.mse_loss(prediction, target, reduction="none").flatten(1).mean(1).mean()  # as scfm_loss
+            if not loss.requires_grad:
+                raise RuntimeError("no autograd graph: are the LoRA parameters trainable?")
+        finally:
+            meter.close()
 
+    labels = list(meter.inputs)
+    # storages in the inputs of more than one block: temb and the rotary tables (shared by all 57)
+    seen, shared = set(), set()
+    for label in labels:
+        for key in meter.inputs[label]:
+            (shared if key in seen else seen).add(key)
     block_input = {}
     for held in meter.inputs.values():
         block_input.update(held)
@@ -393,23 +470,37 @@ def measure_activations(model: nn.Module, batch: int, resolution: int, precision
     for d in meter.saved.values():
         everything.update(d)
 
-    def block_stats(prefix):
-        best, best_sq = 0, 0
-        for label, d in meter.saved.items():
-            if label.startswith(prefix):
-                own = {k: v for k, v in d.items() if k not in meter.inputs[label]}
-                sq = sum(v for k, v in meter.square.get(label, {}).items() if k in own)
-                if sum(own.values()) > best:
-                    best, best_sq = sum(own.values()), sq
-        return best, best_sq
+    def own(label):
+        """Saved storages of a block, its inputs excluded: what checkpointing recomputes for it."""
+        return {k: v for k, v in meter.saved.get(label, {}).items() if k not in meter.inputs[label]}
 
-    double_block, double_sq = block_stats("double")
-    single_block, single_sq = block_stats("single")
+    def steady(prefix, count):
+        label = f"{prefix}{min(1, count - 1)}"
+        mine = own(label)
+        square = sum(v for k, v in meter.square.get(label, {}).items() if k in mine)
+        sizes = {sum(own(f"{prefix}{i}").values()) for i in range(count)}
+        # per extra block of this type: its own input storages, and every storage it saves that no other part does
+        others = set()
+        for other, d in meter.saved.items():
+            if other != label:
+                others.update(d)
+        extra_inputs = sum(v for k, v in meter.inputs[label].items() if k not in shared)
+        extra_saved = sum(v for k, v in meter.saved.get(label, {}).items() if k not in shared and k not in others)
+        detail = sorted(((tuple(meter.meta[k][0]), meter.meta[k][1], v) for k, v in mine.items()), key=lambda x: -x[2])
+        return max(sizes), square, extra_inputs, extra_saved, detail
+
+    double_block, double_sq, double_in, double_saved, double_detail = steady("double", run_double)
+    single_block, single_sq, single_in, single_saved, single_detail = steady("single", run_single)
+    add_double, add_single = n_double - run_double, n_single - run_single
     outside = {k: v for k, v in meter.saved.get("outside", {}).items() if k not in block_input}
     return ActivationResult(
         batch=batch, resolution=resolution, precision=precision, attention=attention,
+        depth="full" if full_depth else f"{run_double}+{run_single}",
         double_block=double_block, single_block=single_block, double_square=double_sq, single_square=single_sq,
-        block_inputs=sum(block_input.values()), outside=sum(outside.values()), no_checkpoint=sum(everything.values()),
+        block_inputs=sum(block_input.values()) + add_double * double_in + add_single * single_in,
+        outside=sum(outside.values()),
+        no_checkpoint=sum(everything.values()) + add_double * double_saved + add_single * single_saved,
+        breakdown={"double": double_detail, "single": single_detail},
     )
 
 
@@ -427,7 +518,7 @@ def fits(total_bytes: float) -> list[int]:
     return [g for g in GPUS_GIB if need <= (1 - HEADROOM) * g]
 
 
-def report(rank: int) -> str:
+def report(rank: int, full_depth: bool = False, breakdown: bool = False) -> str:
     from shortcutfm.models.diffusers.families.flux import LORA_TARGETS
 
     t0 = time.perf_counter()
@@ -439,12 +530,20 @@ def report(rank: int) -> str:
         raise RuntimeError(f"peft injected {peft_params} LoRA parameters, the suffix count says {lora.params}")
 
     results: dict[tuple, ActivationResult] = {}
-    for precision, lora_dtype in (("bf16", torch.bfloat16), ("trainer", torch.float32)):
+    check = None
+    for precision, lora_dtype in (("bf16", torch.bfloat16), ("trainer", torch.float32), ("trainer-int8", torch.float32)):
         set_lora_dtype(model, lora_dtype)
-        for attention in ("math", "fused"):
+        for attention in ("math", "fused") if precision != "trainer-int8" else ("fused",):
             for res in RESOLUTIONS:
                 for b in ACT_BATCHES:
-                    results[(precision, attention, res, b)] = measure_activations(model, b, res, precision, attention)
+                    results[(precision, attention, res, b)] = measure_activations(model, b, res, precision, attention,
+                                                                                 full_depth=full_depth)
+        if precision == "trainer" and not full_depth:  # the 2+2 extrapolation against a full 57-block forward
+            full = measure_activations(model, 2, 512, "trainer", "fused", full_depth=True)
+            part = results[("trainer", "fused", 512, 2)]
+            check = (full, part)
+            if full.totals() != part.totals():
+                raise RuntimeError(f"2+2 extrapolation {part.totals()} != full depth {full.totals()}")
     elapsed = time.perf_counter() - t0
 
     out = []
@@ -459,6 +558,8 @@ def report(rank: int) -> str:
     out += table(["format", "rule", "GiB"], [
         ["bf16", "2 B/param", fmt(base.bytes("bf16"))],
         ["int8 weight-only (torchao)", "linear weights 1 B/elem + bf16 scale per output row; rest bf16", fmt(base.bytes("int8"))],
+        ["int8 as torchao 0.18 stores it", "linear weights 1 B/elem + fp32 scale + int8 zero point per row; rest bf16",
+         fmt(base.bytes("int8-torchao"))],
         ["NF4 (bitsandbytes)", "linear weights 0.5 B/elem + fp32 absmax per 64 elem; rest bf16", fmt(base.bytes("nf4"))],
     ])
 
@@ -485,7 +586,21 @@ def report(rank: int) -> str:
                "path by routing SDPA to `aten._scaled_dot_product_flash_attention` on meta. **Use the fused rows on "
                "a GPU**; math rows apply only if SDPA falls back to the math kernel.\n")
     out.append("**Precision.** `bf16`: everything bf16, no autocast. `trainer`: float32 adapters under bf16 autocast "
-               "(emulated: F.linear in bf16, F.layer_norm in float32), as `train.mixed_precision: bf16` runs.\n")
+               "(emulated: F.linear / mm in bf16, F.layer_norm in float32), as `train.mixed_precision: bf16` runs; "
+               "also the NF4 route (bitsandbytes' 4-bit matmul saves only the packed weight). `trainer-int8`: the "
+               "same on a torchao int8 weight-only base, whose linear override saves a bf16 copy of each frozen "
+               "weight for backward (in the recomputed block and the embedders/head).\n")
+    out.append("**Residual stream.** With the bf16 base, autocast's bf16 linears keep block inputs bf16. torchao's "
+               "override returns its input's dtype, and the AdaLN-modulated inputs are float32 under autocast, so on the "
+               "int8 base the MLP outputs and with them the residual stream become float32: the block inputs double.\n")
+    if check is not None:
+        full, _ = check
+        out.append(f"**Depth.** Each configuration runs 2 double + 2 single blocks on meta and adds the other 17 + 36 "
+                   "blocks from the second block of each type (all later blocks have its shapes). Check: a full "
+                   f"57-block forward (trainer, fused, 512px, batch 2) gives exactly the same bytes "
+                   f"(checkpointed {fmt(full.checkpointed, 3)} GiB, no checkpointing {fmt(full.no_checkpoint, 3)} GiB).\n")
+    else:
+        out.append("**Depth.** Every configuration ran all 57 blocks on meta (`--full-depth`).\n")
     rows = []
     for (precision, attention, res, b), r in results.items():
         rows.append([f"{precision}", attention, res, b, fmt(r.double_block), fmt(r.double_square),
@@ -500,12 +615,20 @@ def report(rank: int) -> str:
                "\"ckpt, math minus TxT\" removes the T x T matrices from the math measurement (a rough stand-in for "
                "fused attention; the fused rows are the measured one).\n")
 
+    if breakdown:
+        r = results[("trainer", "fused", 1024, 1)]
+        for kind in ("double", "single"):
+            out.append(f"Saved storages of one {kind} block (trainer, fused, 1024px, batch 1), largest first:\n")
+            out += table(["shape", "dtype", "MiB"], [[str(list(shape)), dt, f"{n / 2**20:.1f}"] for shape, dt, n in r.breakdown[kind]])
+            out.append("")
+
     out.append("## 4. Totals and GPU fit\n")
-    out.append(f"total = base + 3 adapters + gradients + optimizer + activations (`trainer` precision, fused attention, "
-               f"gradient checkpointing). A GPU fits when total + {CUDA_CONTEXT_GIB:.0f} GiB CUDA context <= "
+    out.append(f"total = base + 3 adapters + gradients + optimizer + checkpointed activations with fused attention "
+               "(`trainer` for the bf16 and NF4 bases, `trainer-int8` for int8; int8 base as the rule of section 1). "
+               f"A GPU fits when total + {CUDA_CONTEXT_GIB:.0f} GiB CUDA context <= "
                f"{100 * (1 - HEADROOM):.0f}% of its memory (10% headroom: allocator fragmentation and cache, cuBLAS "
                "workspaces, backward's transient gradients). 24 / 48 / 80 GB cards taken as 24 / 48 / 80 GiB. "
-               "Cell: total GiB -> smallest card that fits (`-` = none of them).\n")
+               "Cell: total GiB -> smallest card that fits, and so every larger one (`-` = none of them).\n")
     headers = ["base", "optimizer"] + [f"{res}px b{b}" for res in RESOLUTIONS for b in TOTAL_BATCHES]
     rows = []
     for kind in ("bf16", "int8", "nf4"):
@@ -514,7 +637,7 @@ def report(rank: int) -> str:
             row = [kind, opt]
             for res in RESOLUTIONS:
                 for b in TOTAL_BATCHES:
-                    total = static + results[("trainer", "fused", res, b)].checkpointed
+                    total = static + results[("trainer-int8" if kind == "int8" else "trainer", "fused", res, b)].checkpointed
                     ok = fits(total)
                     row.append(f"{gib(total):.1f} -> {ok[0] if ok else '-'}")
             rows.append(row)
@@ -528,11 +651,12 @@ def report(rank: int) -> str:
         "- Activations are per micro-batch: with gradient accumulation, use the micro-batch size.",
         "- The SCFM target passes (teacher, EMA adapters) run under `torch.no_grad`: they add only transient "
         "per-layer buffers (well under one checkpointed block's saved tensors at fused attention) and are not counted.",
-        "- Autocast is emulated for F.linear / F.layer_norm only; its cast cache holds a bf16 copy of the student "
+        "- Autocast is emulated for F.linear / mm / F.layer_norm only; its cast cache holds a bf16 copy of the student "
         f"adapter ({fmt(2 * lora.params)} GiB) until the forward ends (freed before backward; not in the totals).",
-        "- Quantized bases: assumes the quantized linear saves no dequantized weight for backward and dequantizes one "
-        "layer at a time (transient, largest FLUX linear 3072 x 18432 = 0.1 GiB in bf16); diffusers may also leave a "
-        "few modules unquantized. Verify a chosen route with `torch.cuda.max_memory_allocated` "
+        "- Quantized bases: the int8 and NF4 kernels' transient dequantized weights (one layer at a time: at most "
+        "3072 x 18432 = 0.1 GiB in bf16, 0.2 GiB as torchao's float32 copy of an fp32 input) are not counted; diffusers "
+        "may leave a few modules unquantized. The int8 / NF4 backward behaviour is read from torchao 0.18 / "
+        "bitsandbytes 0.50 sources, not run. Verify a chosen route on the GPU with `torch.cuda.max_memory_allocated` "
         "(`benchmarks/bench_scfm_step.py`).",
         "- Backward's gradient tensors (about one block's activations at a time) and the caching allocator's slack "
         "are covered by the 10% headroom, not measured.",
@@ -549,10 +673,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank (default 64, the paper's)")
     parser.add_argument("--out", default=None, help="also write the markdown to this file")
+    parser.add_argument("--full-depth", action="store_true",
+                        help="run all 57 blocks for every configuration (slow: about 3 s each) instead of 2+2 extrapolated")
+    parser.add_argument("--breakdown", action="store_true", help="also list the saved tensors of one block of each type")
     args = parser.parse_args(argv)
     if args.rank < 1:
         parser.error("--rank must be >= 1")
-    text = report(args.rank)
+    text = report(args.rank, full_depth=args.full_depth, breakdown=args.breakdown)
     print(text)
     if args.out:
         with open(args.out, "w") as f:

@@ -143,6 +143,9 @@ class TrainConfig:
     """Accelerate mixed precision: no, bf16 or fp16."""
     tracker: str = ""
     """Optional Accelerate tracker: tensorboard or wandb (empty = none)."""
+    shard: bool = False
+    """Diffusers LoRA runs on several processes: shard the frozen base, the adapters and their EMAs with FSDP2
+    (each process holds 1/N of the weights) instead of a full copy per process (data parallel)."""
     on_nonfinite: str = "stop"
     """A NaN or infinite loss or gradient: stop (one-line error, nothing written) or skip (redraw the step's batch,
     at most 32 times in a row; the weights and EMAs never see the bad values)."""
@@ -405,6 +408,7 @@ def check_sections(config: Config) -> None:
         if mode == "distill" and _changed(config.model, "label_dropout"):
             unused.append("model.label_dropout (caption dropout is for train.mode=pretrain)")
         if mode == "pretrain":
+            unused += ["train.shard (sharding is for LoRA runs)"] if config.train.shard else []
             unused += [f"lora.{f.name}" for f in dataclasses.fields(config.lora) if _changed(config.lora, f.name)]
             unused += ["model.quantize (a quantized base is for LoRA training)"] if _changed(config.model, "quantize") else []
             unused += [f"validation.{n}" for n in ("prompts", "prompt_file") if _changed(config.validation, n)]
@@ -423,6 +427,8 @@ def check_sections(config: Config) -> None:
                               "give a number")
         if mode == "pretrain" and config.train.teacher:
             unused.append("train.teacher (train.mode=pretrain trains from scratch)")
+        if config.train.shard:
+            unused.append("train.shard (sharding is for diffusers LoRA runs)")
     if unused:
         raise ConfigError(f"{', '.join(unused)}: no effect with {where}; remove "
                           + ("it" if len(unused) == 1 else "them"))

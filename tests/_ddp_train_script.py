@@ -12,7 +12,8 @@ checkpoint every 2), one after the other in the same processes (the imports domi
 * ``sigkill``: ``run_training(resume=True)`` on ``R/sigkill``, for a test that SIGKILLs the launch at random
   moments and launches it again until it finishes.
 
-``--steps`` (default 4) sets the run length of every phase.
+``--steps`` (default 4) sets the run length of every phase; ``--shard`` runs every phase with ``train.shard=true``
+(FSDP2) in ``R/<name>-sharded``.
 
 After each phase every rank writes ``D/<phase>/rank{r}.safetensors`` (its student LoRA as ``student.*``, both
 EMAs as ``ema.*``) and ``D/<phase>/rank{r}.json`` (world size, final step, the batch indices it drew per step).
@@ -46,6 +47,7 @@ def main() -> int:
     for name in ("--pipe-dir", "--cache-dir", "--run-root", "--dump-root"):
         parser.add_argument(name, required=True)
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--shard", action="store_true")
     parser.add_argument("phases", nargs="+", choices=["full", "killed", "resume", "sigkill"])
     args = parser.parse_args()
 
@@ -55,6 +57,7 @@ def main() -> int:
     from shortcutfm.config import load_config
     from shortcutfm.training import diffusers_setup as setup_module
     from shortcutfm.training import trainer as trainer_module
+    from shortcutfm.training.sharding import full_tensors
     from shortcutfm.workflows import resolve_config_path, run_training
 
     diffusers_logging.set_verbosity_error()
@@ -83,13 +86,14 @@ def main() -> int:
     setup_module.CachedBatches.get = recording_get
 
     for phase in args.phases:
-        run_dir = Path(args.run_root) / {"full": "full", "sigkill": "sigkill"}.get(phase, "killed")
+        run_dir = Path(args.run_root) / ({"full": "full", "sigkill": "sigkill"}.get(phase, "killed")
+                                         + ("-sharded" if args.shard else ""))
         config = load_config(resolve_config_path("flux"), [
             f"data.source={args.cache_dir}", f"model.pretrained={args.pipe_dir}", "model.dtype=float32",
             'train.mixed_precision="no"', "lora.rank=4", "lora.alpha=4", f"train.steps={args.steps}",
             "train.batch_size=4", "jumps.teacher_grid=4", "jumps.self_grids=[2,4]", "eval.every=2",
             "eval.num_samples=2", "optim.lr=1e-2", f"train.checkpoint_every={CHECKPOINT_EVERY}",
-            f"train.output_dir={run_dir}",
+            f"train.output_dir={run_dir}", f"train.shard={str(args.shard).lower()}",
         ])
         captured.clear()
         drawn.clear()
@@ -100,11 +104,12 @@ def main() -> int:
             final_step = KILLED_AT
         student = captured["setup"].student
         tensors = {f"student.{k}": v for k, v in student.state_dict().items()}
-        tensors.update({f"ema.{k}": v.detach().clone() for k, v in student.emas.state_dict().items()})
-        dump = Path(args.dump_root) / phase
+        tensors.update({f"ema.{k}": v.detach().clone() for k, v in full_tensors(student.emas.state_dict()).items()})
+        dump = Path(args.dump_root) / (phase + ("-sharded" if args.shard else ""))
         dump.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(dump / f"rank{rank}.safetensors"))
-        info = {"indices": drawn, "world": int(os.environ.get("WORLD_SIZE", "1")), "final_step": final_step}
+        info = {"indices": drawn, "world": int(os.environ.get("WORLD_SIZE", "1")), "final_step": final_step,
+                "parameter_type": type(next(student.transformer.parameters())).__name__}
         (dump / f"rank{rank}.json").write_text(json.dumps(info))
     return 0
 

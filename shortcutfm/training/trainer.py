@@ -22,6 +22,7 @@ import contextlib
 import math
 import os
 import shutil
+import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -48,6 +49,7 @@ from .checkpoint import (
     step_name,
 )
 from .setup import TrainingSetup
+from .sharding import full_optimizer_state, full_tensors, like, shard_optimizer_state
 
 __all__ = ["train", "TrainResult", "NonFiniteError", "learning_rate", "step_generator", "MAX_RETRIES"]
 
@@ -143,7 +145,7 @@ def _lock_run_dir(accelerator: Accelerator, stack: ExitStack, run_dir: Path) -> 
         FolderLocked, FolderLocked(f"{run_dir} is in use by another process (see the main process's message)"))
 
 
-def _resume(accelerator, run_dir: Path, student, optimizer) -> TrainerState:
+def _resume(accelerator, run_dir: Path, student, optimizer, params) -> TrainerState:
     found = latest_checkpoint(run_dir)
     if found is None:
         accelerator.print(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
@@ -151,8 +153,12 @@ def _resume(accelerator, run_dir: Path, student, optimizer) -> TrainerState:
     loaded = load_checkpoint(found)
     try:
         student.load_state_dict(loaded.student)
-        student.emas.load_state_dict(loaded.ema)
-        optimizer.load_state_dict(loaded.optimizer)
+        # sharded (FSDP2) runs: whole tensors laid out as the shards they load into (a no-op otherwise)
+        shadows = {f"{prefix}.{name}": tensor for prefix, ema in (("slow", student.emas.slow), ("fast", student.emas.fast))
+                   for name, tensor in ema.shadow.items()}
+        student.emas.load_state_dict({key: like(shadows[key], value) if key in shadows else value
+                                      for key, value in loaded.ema.items()})
+        optimizer.load_state_dict(shard_optimizer_state(loaded.optimizer, params))
     except (RuntimeError, KeyError, ValueError) as error:  # other shapes or names: the config changed
         first_line = str(error).strip().splitlines()
         detail = next((line.strip() for line in first_line[1:] if line.strip()), first_line[0] if first_line else "")
@@ -227,14 +233,23 @@ def train(config: Config, setup: TrainingSetup, *, resume: bool = False, overwri
 def _train_locked(config: Config, setup: TrainingSetup, accelerator: Accelerator, run_dir: Path, *, resume: bool,
                   progress: bool) -> TrainResult:
     student = setup.student
+    if config.train.shard:  # FSDP2: shard before the optimizer sees the parameters (they become DTensors)
+        if not hasattr(student, "shard"):
+            raise ValueError("train.shard is for diffusers LoRA runs")
+        if accelerator.num_processes < 2:
+            raise ValueError("train.shard needs several processes: launch with torchrun or accelerate launch")
+        student.shard(accelerator.device)
     params = list(student.trainable_tensors().values())
     optimizer = build_optimizer(config, params)
-    state = _resume(accelerator, run_dir, student, optimizer) if resume else TrainerState()
+    state = _resume(accelerator, run_dir, student, optimizer, params) if resume else TrainerState()
     if accelerator.is_main_process:  # after the resume check: a refused resume keeps the run's own config.yaml
         save_config(config, run_dir / "config.yaml")
     if config.train.tracker:
         accelerator.init_trackers("shortcutfm")
-    module, optimizer = accelerator.prepare(student.module, optimizer)
+    if config.train.shard:
+        module, optimizer = student.module, accelerator.prepare(optimizer)
+    else:
+        module, optimizer = accelerator.prepare(student.module, optimizer)
     student_velocity = student.velocity(module)
     targets_from = student.target_velocities()
 
@@ -253,10 +268,9 @@ def _train_locked(config: Config, setup: TrainingSetup, accelerator: Accelerator
 def _finish(config, setup, accelerator, run_dir: Path, state: TrainerState, started: float) -> TrainResult:
     """Export the final model, deploy the best (or final) one, write the trainer state; end the trackers."""
     model_dir = run_dir / "model"
+    final_source = "ema" if config.train.mode == "pretrain" else "student"
+    _export(accelerator, setup, run_dir / "final", final_source, config.train.shard, "exported model")
     if accelerator.is_main_process:
-        final_source = "ema" if config.train.mode == "pretrain" else "student"
-        with atomic_path(run_dir / "final", directory=True, what="exported model") as temporary:
-            setup.export(temporary, final_source)
         best = run_dir / "best"
         copy_dir_atomic(best if best.is_dir() else run_dir / "final", model_dir, what="deployed model")
         write_json_atomic(run_dir / "trainer_state.json", asdict(state))
@@ -350,9 +364,9 @@ def _loop(config, setup, accelerator, run_dir, state, optimizer, module, student
         bar.update(1)
 
         if setup.evaluate is not None and config.eval.every and (step % config.eval.every == 0 or step == config.train.steps):
-            _evaluate_and_keep_best(accelerator, setup, state, run_dir, bar)
+            _evaluate_and_keep_best(accelerator, setup, state, run_dir, bar, config.train.shard)
         if setup.validate is not None and _validation_due(config, step):
-            _validate(accelerator, setup, state, run_dir, bar)
+            _validate(accelerator, setup, state, run_dir, bar, config.train.shard)
         if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) or step == config.train.steps:
             _checkpoint(accelerator, config, setup, optimizer, state, run_dir)
         step += 1
@@ -375,44 +389,66 @@ def _validation_due(config: Config, step: int) -> bool:
     return step == config.train.steps or bool(every and step % every == 0)
 
 
-def _validate(accelerator, setup, state, run_dir, bar) -> None:
-    """A grid of validation images: ``RUN/validation/step-XXXXXX.png`` and the tracker (main process only)."""
+def _runs_here(accelerator, sharded: bool) -> bool:
+    """Whether this process evaluates, validates and exports: the main one, or every one of a sharded run (a
+    forward of a sharded model is a collective; each process gets the same result, the main one writes it)."""
+    return accelerator.is_main_process or sharded
+
+
+def _export(accelerator, setup, target: Path, source: str, sharded: bool, what: str) -> None:
+    """``setup.export`` into ``target`` atomically on the main process; in a sharded run the other processes take
+    part in the gathers and write into a throwaway folder."""
+    if accelerator.is_main_process:
+        with atomic_path(target, directory=True, what=what) as temporary:
+            setup.export(temporary, source)
+    elif sharded:
+        with tempfile.TemporaryDirectory() as throwaway:
+            setup.export(Path(throwaway), source)
+
+
+def _validate(accelerator, setup, state, run_dir, bar, sharded: bool = False) -> None:
+    """A grid of validation images: ``RUN/validation/step-XXXXXX.png`` and the tracker (written by the main process)."""
     from .validation import log_grid, save_grid
 
-    if accelerator.is_main_process:
+    if _runs_here(accelerator, sharded):
         grid = setup.validate(setup.student.velocity())
-        path = save_grid(grid, run_dir / "validation" / f"step-{state.step:06d}.png")
-        log_grid(accelerator, grid, state.step)
-        bar.write(f"step {state.step}: validation grid {path}")
+        if accelerator.is_main_process:
+            path = save_grid(grid, run_dir / "validation" / f"step-{state.step:06d}.png")
+            log_grid(accelerator, grid, state.step)
+            bar.write(f"step {state.step}: validation grid {path}")
     accelerator.wait_for_everyone()
 
 
-def _evaluate_and_keep_best(accelerator, setup, state, run_dir, bar) -> None:
-    if accelerator.is_main_process:
+def _evaluate_and_keep_best(accelerator, setup, state, run_dir, bar, sharded: bool = False) -> None:
+    if _runs_here(accelerator, sharded):
         # the unwrapped module: a DDP forward on one rank alone could wait for the other ranks
         result = setup.evaluate(setup.student.velocity())
         state.history.append(EvalRecord(state.step, result.metric, result.value))
         improved = state.best_metric is None or result.value < state.best_metric
         if improved:
             state.best_metric, state.best_step = result.value, state.step
-            with atomic_path(run_dir / "best", directory=True, what="best model") as temporary:
-                setup.export(temporary, "student")
-        bar.write(f"step {state.step}: {result.metric} = {result.value:.4g}" + (" (best)" if improved else ""))
-        accelerator.log({f"eval/{result.metric}": result.value}, step=state.step)
+            _export(accelerator, setup, run_dir / "best", "student", sharded, "best model")
+        if accelerator.is_main_process:
+            bar.write(f"step {state.step}: {result.metric} = {result.value:.4g}" + (" (best)" if improved else ""))
+            accelerator.log({f"eval/{result.metric}": result.value}, step=state.step)
     accelerator.wait_for_everyone()
 
 
 def _checkpoint(accelerator, config, setup, optimizer, state, run_dir) -> None:
     accelerator.wait_for_everyone()
+    # whole tensors on every process (a collective when sharded; LoRA-sized), written by the main one
+    student_state = setup.student.state_dict()
+    ema_state = full_tensors(setup.student.emas.state_dict())
+    optimizer_state = full_optimizer_state(optimizer.state_dict())
 
     def write() -> None:
         try:
             save_checkpoint(
                 run_dir,
                 step_name(state.step),
-                student=setup.student.state_dict(),
-                ema=setup.student.emas.state_dict(),
-                optimizer=optimizer.state_dict(),
+                student=student_state,
+                ema=ema_state,
+                optimizer=optimizer_state,
                 trainer_state=state,
                 scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 extra_files={"config.yaml": (run_dir / "config.yaml").read_text()},

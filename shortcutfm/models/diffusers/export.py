@@ -38,8 +38,11 @@ def save_adapter(
     """
     if adapter_name not in getattr(transformer, "peft_config", {}):
         raise ValueError(f"the transformer has no adapter {adapter_name!r}")
+    from ...training.sharding import full_tensor
+
     state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
-    state = {name: tensor.detach().to("cpu", dtype or tensor.dtype).contiguous() for name, tensor in state.items()}
+    # whole tensors of a sharded (FSDP2) transformer: every process gathers, only the main process writes
+    state = {name: full_tensor(tensor.detach()).to("cpu", dtype or tensor.dtype).contiguous() for name, tensor in state.items()}
     config = transformer.peft_config[adapter_name].to_dict()
     config["target_modules"] = sorted(config["target_modules"])  # a set in peft; JSON needs a list
     directory = Path(directory)

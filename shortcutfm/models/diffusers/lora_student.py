@@ -165,9 +165,24 @@ class LoraStudent:
         """The slow EMA as a guided velocity model, for evaluation."""
         return self._guide(_AdapterVelocity(self, SLOW_EMA))
 
+    def shard(self, device: torch.device) -> None:
+        """Shard the transformer (base and every adapter) across the processes with FSDP2
+        (:mod:`shortcutfm.training.sharding`) and point the student's and EMAs' tensors at the shards."""
+        from ...training.sharding import shard_transformer
+
+        shard_transformer(self.transformer, device)
+        self._layers = tuner_layers(self.transformer)
+        self._student = adapter_tensors(self.transformer, STUDENT)
+        for ema, name in ((self.emas.slow, SLOW_EMA), (self.emas.fast, FAST_EMA)):
+            if name in self.ema_names:
+                ema.shadow = adapter_tensors(self.transformer, name)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Copies of the student's LoRA tensors (the peft/diffusers keys without the ``transformer.`` prefix)."""
-        return {name: tensor.detach().clone() for name, tensor in self._student.items()}
+        """Copies of the student's LoRA tensors (the peft/diffusers keys without the ``transformer.`` prefix); whole
+        tensors also when sharded (then a collective: every process calls it)."""
+        from ...training.sharding import full_tensor
+
+        return {name: full_tensor(tensor.detach()).clone() for name, tensor in self._student.items()}
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -177,5 +192,7 @@ class LoraStudent:
                 f"student LoRA state differs: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}; "
                 "was it saved with the same family and lora.target_modules?"
             )
+        from ...training.sharding import like
+
         for name, value in state.items():
-            self._student[name].copy_(value)
+            self._student[name].copy_(like(self._student[name], value))
