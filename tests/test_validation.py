@@ -123,3 +123,19 @@ def test_eval_of_a_run_adds_its_table_to_the_model_card(tmp_path):
     assert out.exit_code == 0, out.output
     card = ModelCard.load(result.model_dir / "README.md")
     assert "## Evaluation" in card.text and "seconds per image" in card.text
+
+
+def test_validation_prompts_encode_with_an_sd3_pipeline_without_t5(tmp_path):
+    """SD3 without its T5 encoder (the proving ground's pipeline) reads the transformer's config to make the zero T5
+    embeddings, so the prompt encoder keeps the transformer there."""
+    from shortcutfm.models.diffusers import get_family
+    from shortcutfm.training.validation import load_prompt_encoder
+
+    pipe = tiny_pipeline("sd3")
+    pipe.text_encoder_3, pipe.tokenizer_3 = None, None
+    pipe.register_modules(text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(tmp_path / "pipe")
+    config = load_config(None, ["model.kind=sd3", f"model.pretrained={tmp_path / 'pipe'}", "validation.prompts=[a dog]"])
+    encoder = load_prompt_encoder(config, get_family("sd3"))
+    encoding = get_family("sd3").encode_prompts(encoder, ["a dog"], SEQUENCE_LENGTH["sd3"])
+    assert encoding.cond["prompt_embeds"].shape[0] == 1

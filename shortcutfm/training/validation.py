@@ -56,7 +56,10 @@ def load_prompt_encoder(config: Config, family):
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.model.dtype]
     absent = absent_components(config.model.pretrained)
-    absent["transformer"] = None
+    # the transformer is not needed to encode text, except by SD3 without its T5 encoder (it reads the
+    # transformer's joint_attention_dim to make the zero T5 embeddings)
+    if not (family.name == "sd3" and "text_encoder_3" in absent):
+        absent["transformer"] = None
     pipe = family.pipeline_class.from_pretrained(config.model.pretrained, torch_dtype=dtype, **absent)
     pipe.set_progress_bar_config(disable=True)
     return pipe
