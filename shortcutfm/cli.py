@@ -5,6 +5,7 @@ Options that exist in the config are given as ``section.field=value`` overrides,
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,11 @@ import typer
 from rich.console import Console
 
 from .errors import RunStopped
+
+# torchao (the quant extra) logs a warning per optional CUDA kernel it cannot load and torch one per enum it
+# registers, on every diffusers import; neither concerns a CLI user
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SCFM: few-step samplers from flow-matching models.")
 

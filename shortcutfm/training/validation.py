@@ -124,7 +124,7 @@ class LoraValidation:
             raise RuntimeError("this validation has no decoder (no validation prompts were given)")
         steps = self.config.validation.steps
         columns = [self.decode(self.sample(velocity, n)) for n in steps] + [self.decode(self.teacher())]
-        labels = [f"student {n} steps" for n in steps] + [f"teacher {TEACHER_REFERENCE_STEPS} steps"]
+        labels = [f"student {n} step{'s' if n > 1 else ''}" for n in steps] + [f"teacher {TEACHER_REFERENCE_STEPS} steps"]
         return ValidationGrid(torch.stack(columns, dim=1), self.prompts, labels)
 
 
@@ -161,7 +161,7 @@ def save_grid(grid: ValidationGrid, path: Path) -> Path:
     from ..evaluation.report import plt
 
     rows, cols = grid.images.shape[:2]
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 2.8, 1.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 4.0, 1.6 * rows), squeeze=False)
     for r in range(rows):
         for c in range(cols):
             ax = axes[r][c]
