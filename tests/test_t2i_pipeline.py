@@ -118,7 +118,9 @@ def test_prepare_pretrain_distill_eval_end_to_end(tiny_world, tmp_path, monkeypa
     assert (tmp_path / "eval" / "samples.png").is_file() and (tmp_path / "eval" / "report.md").is_file()
 
 
-def test_eval_refuses_a_run_that_is_not_on_a_world_pipeline(tmp_path):
+def test_eval_of_a_run_off_the_proving_ground_asks_for_prompts(tmp_path):
+    """Without --prompts, `eval RUN` has the world's exact metrics only for world pipelines; elsewhere it asks for a
+    prompt file (FID / CLIP evaluation)."""
     run = tmp_path / "run"
     run.mkdir()
     config = load_config(None, ["model.kind=sd3", "model.pretrained=somewhere/else"])
@@ -130,7 +132,7 @@ def test_eval_refuses_a_run_that_is_not_on_a_world_pipeline(tmp_path):
     from shortcutfm.cli import app
 
     result = CliRunner().invoke(app, ["eval", str(run)])
-    assert result.exit_code == 2 and "not a t2i world pipeline" in result.output
+    assert result.exit_code == 2 and "give --prompts FILE" in result.output
 
 
 def test_pretrain_needs_a_local_pipeline_folder(tmp_path):
