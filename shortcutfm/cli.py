@@ -207,7 +207,8 @@ def _evaluate_lora(run_dir, arguments, *, out, pipeline, lora, prompts, steps, r
         from .t2i.demo import evaluate_lora_run
         from .workflows import cache_dir
 
-        return evaluate_lora_run(Path(pretrained), lora_dir, out, guidance_scale=training_guidance_scale(cfg),
+        folded = {"student_guidance_scale": 0.0, "student_name": "student-1pass"} if cfg.model.fold_guidance else {}
+        return evaluate_lora_run(Path(pretrained), lora_dir, out, guidance_scale=training_guidance_scale(cfg), **folded,
                                  shift=cfg.eval.select_shift, num_prompts=num_prompts, seed=cfg.eval.seed,
                                  lora_scale=lora_scale, cache_dir=cache_dir() / "t2i")
     from .evaluation.lora_eval import LoraEvalSettings, evaluate_lora, inception_features
@@ -218,6 +219,7 @@ def _evaluate_lora(run_dir, arguments, *, out, pipeline, lora, prompts, steps, r
         pipeline=str(pretrained), lora_dir=str(lora_dir), prompts=read_prompt_file(prompts)[:num_prompts],
         steps=_step_list(steps) if steps else (cfg.eval.sweep_steps if cfg else (1, 2, 3, 4, 8)),
         shift=cfg.eval.select_shift if cfg else None, guidance=cfg.model.guidance_scale if cfg else None,
+        student_guidance=0.0 if cfg and cfg.model.fold_guidance else None,
         lora_scale=lora_scale, seed=cfg.eval.seed if cfg else 1234,
         height=layout["height"] if layout else None, width=layout["width"] if layout else None,
         max_sequence_length=layout["max_sequence_length"] if layout else None,

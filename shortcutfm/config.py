@@ -64,6 +64,10 @@ class ModelConfig:
     """Classifier-free guidance weight w (student, targets and sampling alike); None = 0 for built-in networks on
     labelled data. Real-CFG families default to theirs (SD3 3.5, Lumina 2 3: shortcutfm/family_defaults.py); Flux
     has no real CFG (its guidance input is drawn per sample in training), so the field is refused there."""
+    fold_guidance: bool = False
+    """Classifier-free guidance folded into the student (real-CFG families, labelled built-in data; distillation):
+    targets use the guided teacher, the student's own prediction (and its EMAs') is one plain conditional pass, so
+    the student samples with guidance off at half the passes per step."""
     pretrained: str = ""
     """Diffusers families: local path or hub id of the pretrained pipeline (its transformer is the teacher)."""
     dtype: str = "float32"
@@ -402,6 +406,9 @@ def check_sections(config: Config) -> None:
         if config.train.teacher:
             raise ConfigError(f"train.teacher has no effect with {where}: the teacher is model.pretrained's transformer;"
                               " remove train.teacher")
+        if kind == "flux" and config.model.fold_guidance:
+            raise ConfigError("model.fold_guidance has no effect with model.kind=flux: Flux has no real CFG (its "
+                              "guidance is one embedded input); remove it")
         if kind == "flux" and config.model.guidance_scale is not None:
             raise ConfigError("model.guidance_scale has no effect with model.kind=flux: Flux's guidance is an input "
                               "drawn per sample in training (sample with `shortcutfm sample`'s default 3.5); remove it")
@@ -409,6 +416,7 @@ def check_sections(config: Config) -> None:
             unused.append("model.label_dropout (caption dropout is for train.mode=pretrain)")
         if mode == "pretrain":
             unused += ["train.shard (sharding is for LoRA runs)"] if config.train.shard else []
+            unused += ["model.fold_guidance (it distils a guided teacher)"] if config.model.fold_guidance else []
             unused += [f"lora.{f.name}" for f in dataclasses.fields(config.lora) if _changed(config.lora, f.name)]
             unused += ["model.quantize (a quantized base is for LoRA training)"] if _changed(config.model, "quantize") else []
             unused += [f"validation.{n}" for n in ("prompts", "prompt_file") if _changed(config.validation, n)]
@@ -422,11 +430,16 @@ def check_sections(config: Config) -> None:
             unused += [f"model.{n}" for n in ("channels", "blocks") if _changed(config.model, n)]
         if kind == "convnet":
             unused += [f"model.{n}" for n in ("width", "depth") if _changed(config.model, n)]
+        if config.model.fold_guidance and not config.model.guidance_scale:
+            raise ConfigError("model.fold_guidance needs model.guidance_scale > 0 (the CFG weight to fold in) on "
+                              "labelled data; set it, or remove fold_guidance")
         if config.eval.select_shift == "dynamic":
             raise ConfigError('eval.select_shift="dynamic" needs a diffusers family (it depends on the image size); '
                               "give a number")
         if mode == "pretrain" and config.train.teacher:
             unused.append("train.teacher (train.mode=pretrain trains from scratch)")
+        if mode == "pretrain" and config.model.fold_guidance:
+            unused.append("model.fold_guidance (it distils a guided teacher)")
         if config.train.shard:
             unused.append("train.shard (sharding is for diffusers LoRA runs)")
     if unused:

@@ -23,6 +23,9 @@ def _card_body(config: Config, state: TrainerState, pipeline_class: str, samplin
     lora, train, model = config.lora, config.train, config.model
     steps = config.eval.select_steps
     guidance = "the family's default" if model.guidance_scale is None else f"w = {model.guidance_scale:g}"
+    if model.fold_guidance:
+        guidance = (f"off (the teacher's w = {model.guidance_scale:g} is folded into the LoRA: one pass per step; "
+                    "for SD3 pipelines pass guidance_scale=1)")
     rows = "\n".join(f"| {h.step} | {h.metric} | {h.value:.4g} |" for h in state.history)
     selected = (f"the checkpoint of step {state.best_step} (best `{state.selection_metric}` = {state.best_metric:.4g})"
                 if state.best_step else f"the final checkpoint (step {state.step})")
@@ -34,7 +37,7 @@ def _card_body(config: Config, state: TrainerState, pipeline_class: str, samplin
         f"- **Steps:** {steps} Euler steps (the step count the checkpoint was selected on); 2-8 work.",
         f"- **Grid shift:** {sampling_shift} (`shortcutfm sample --shift` overrides it).",
         "- **LoRA scale:** 1.0 (1 to 1.75 suits fewer steps).",
-        f"- **Guidance:** {guidance}, as in training.", "",
+        f"- **Guidance:** {guidance}" + ("." if model.fold_guidance else ", as in training."), "",
         "```bash",
         f"shortcutfm sample RUN_DIR --prompt \"...\" --steps {steps}",
         "```", "",

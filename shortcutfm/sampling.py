@@ -126,7 +126,9 @@ def sample_diffusers(
         pretrained = run_config["model"]["pretrained"]
     # Sample as the LoRA was trained: the run's guidance scale and, while its cache exists, its resolution and
     # text length (otherwise the pipeline's defaults).
-    guidance = (run_config.get("model") or {}).get("guidance_scale")
+    model_config = run_config.get("model") or {}
+    # a student with the guidance folded in samples one plain pass per step
+    guidance = 0.0 if model_config.get("fold_guidance") else model_config.get("guidance_scale")
     layout = _cache_layout((run_config.get("data") or {}).get("source"))
     extra = {"max_sequence_length": layout["max_sequence_length"]} if layout else {}
     pipe = load_pipeline(pretrained)

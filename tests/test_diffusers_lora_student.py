@@ -273,3 +273,27 @@ def test_the_authors_initialisations():
         torch.testing.assert_close(targets.slow_ema(x, sigma, **cond), targets.teacher(x, sigma, **cond))
     with pytest.raises(ValueError, match="lora.init"):
         LoraSettings(init="orthogonal")
+
+
+def test_folded_guidance_guides_the_teacher_only():
+    """model.fold_guidance: the targets come from the guided teacher, but the student's own prediction and its EMAs
+    are plain conditional passes (one pass per step when sampling)."""
+    cond = tiny_cond("sd3")
+    uncond = {k: v[:1] * 0 + 0.3 for k, v in cond.items()}
+    w = 2.0
+    student = make_student("sd3", uncond=uncond, guidance_scale=w, fold_guidance=True)
+    perturb(student.trainable_tensors(), 6)
+    for ema in student.emas.averages():
+        perturb(ema.shadow, 9 + len(ema.shadow))
+    x, sigma = tiny_latents("sd3"), torch.tensor([0.7, 0.2])
+    empty = {k: v.expand_as(cond[k]) for k, v in uncond.items()}
+    targets = student.target_velocities()
+    with torch.no_grad():
+        with student.adapter(None):
+            t_cond, t_uncond = student.module(x, sigma, **cond), student.module(x, sigma, **empty)
+        torch.testing.assert_close(targets.teacher(x, sigma, **cond), t_cond + w * (t_cond - t_uncond), atol=1e-5, rtol=1e-4)
+        for adapter, velocity in (("student", student.velocity()), ("ema_slow", targets.slow_ema),
+                                  ("ema_fast", targets.fast_ema), ("ema_slow", student.ema_velocity())):
+            with student.adapter(adapter):
+                plain = student.module(x, sigma, **cond)
+            torch.testing.assert_close(velocity(x, sigma, **cond), plain)

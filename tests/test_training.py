@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from shortcutfm.config import ConfigError, load_config
 from shortcutfm.training import checkpoint as checkpoint_module
 from shortcutfm.training import trainer as trainer_module
+from shortcutfm.training.builtin import load_split
 from shortcutfm.workflows import resolve_config_path, run_training
 
 TINY = ["model.width=32", "model.depth=2", "train.batch_size=64", "train.log_every=5"]
@@ -205,3 +206,28 @@ def test_tensorboard_tracker_logs_loss_and_evaluations(tmp_path, teacher_dir, mo
     tags = accumulator.Tags()["scalars"]
     assert "loss" in tags and "eval/energy_distance@3" in tags
     assert [e.step for e in accumulator.Scalars("eval/energy_distance@3")] == [3, 6]
+
+
+def test_folded_guidance_on_labelled_data_trains_a_one_pass_student(tmp_path):
+    """Built-in class-conditional model: with model.fold_guidance the teacher target is guided while the student
+    and its EMAs are plain passes, the deployed student samples without the CFG wrapper, and the flag is refused
+    where there is no guidance to fold."""
+    from shortcutfm.core.guidance import ClassifierFreeGuidance
+    from shortcutfm.models.builtin import load_model
+    from shortcutfm.training.builtin import builtin_setup, deployed_velocity
+
+    teacher = run_training(pretrain_config(tmp_path, source="digits", steps=5), progress=False)
+    overrides = TINY + ["data.source=digits", f"train.teacher={teacher.model_dir}", "train.steps=4", "eval.every=0",
+                        "jumps.self_grids=[2,4]", "model.guidance_scale=1.5"]
+    for fold in (False, True):
+        config = load_config(resolve_config_path("distill"), overrides + [
+            f"train.output_dir={tmp_path / str(fold)}", f"model.fold_guidance={str(fold).lower()}"])
+        student = builtin_setup(config, load_split(config), None).student
+        targets = student.target_velocities()
+        assert isinstance(targets.teacher, ClassifierFreeGuidance)
+        assert isinstance(student.velocity(), ClassifierFreeGuidance) is not fold
+        assert isinstance(targets.slow_ema, ClassifierFreeGuidance) is not fold
+        result = run_training(config, progress=False)
+        assert isinstance(deployed_velocity(load_model(result.model_dir)), ClassifierFreeGuidance) is not fold
+    with pytest.raises(ConfigError, match="fold_guidance"):
+        load_config(resolve_config_path("distill"), ["model.fold_guidance=true"])  # no guidance scale to fold

@@ -45,6 +45,7 @@ class LoraEvalSettings:
     teacher_steps: int = 32
     shift: float | str | None = None  # None: the family's sampling shift
     guidance: float | None = None  # CFG w (Flux: the embedded guidance value); None: the family's default
+    student_guidance: float | None = None  # the student's (None: ``guidance``; 0: guidance folded into the LoRA)
     lora_scale: float = 1.0
     seed: int = 1234
     height: int | None = None
@@ -151,7 +152,8 @@ class LoraEvalReport:
     images: dict[tuple[str, int], torch.Tensor] = field(repr=False, default_factory=dict)  # (model, steps) -> [0, 1]
 
 
-def _sample(pipe, settings: LoraEvalSettings, noise: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
+def _sample(pipe, settings: LoraEvalSettings, noise: torch.Tensor, steps: int,
+            guidance: float | None) -> tuple[torch.Tensor, float]:
     from ..models.diffusers import sample_with_pipeline
 
     images, seconds = [], 0.0
@@ -163,7 +165,7 @@ def _sample(pipe, settings: LoraEvalSettings, noise: torch.Tensor, steps: int) -
             torch.cuda.synchronize()
         began = time.perf_counter()
         out = sample_with_pipeline(pipe, settings.prompts[rows], num_steps=steps, shift=settings.shift,
-                                   guidance=settings.guidance, latents=noise[rows].to(device, pipe.transformer.dtype),
+                                   guidance=guidance, latents=noise[rows].to(device, pipe.transformer.dtype),
                                    output_type="pt", **extra)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -202,17 +204,23 @@ def evaluate_lora(settings: LoraEvalSettings, out_dir: Path, *, fid_features: in
                       what="evaluation settings")
     shift = family.sampling_shift if settings.shift is None else settings.shift
     real_cfg = isinstance(family.guidance, RealGuidance)
-    passes = 2 if real_cfg and (settings.guidance is None or settings.guidance != 0) else 1
+
+    def passes_of(guidance: float | None) -> int:
+        return 2 if real_cfg and (guidance is None or guidance != 0) else 1
+
+    passes = {"teacher": passes_of(settings.guidance),
+              "student": passes_of(settings.guidance if settings.student_guidance is None else settings.student_guidance)}
     plan = [("teacher", settings.teacher_steps)] + [("student", n) for n in settings.steps]
     bar = tqdm(total=len(plan), desc="eval", disable=not progress)
     images: dict[tuple[str, int], torch.Tensor] = {}
     seconds: dict[tuple[str, int], float] = {}
-    images[plan[0]], seconds[plan[0]] = _sample(pipe, settings, noise, settings.teacher_steps)
+    images[plan[0]], seconds[plan[0]] = _sample(pipe, settings, noise, settings.teacher_steps, settings.guidance)
+    student_guidance = settings.guidance if settings.student_guidance is None else settings.student_guidance
     bar.update(1)
     pipe.load_lora_weights(settings.lora_dir, weight_name=LORA_WEIGHTS, adapter_name="scfm")
     fuse_lora(pipe, "scfm", settings.lora_scale)  # N student steps cost N base passes
     for key in plan[1:]:
-        images[key], seconds[key] = _sample(pipe, settings, noise, key[1])
+        images[key], seconds[key] = _sample(pipe, settings, noise, key[1], student_guidance)
         bar.update(1)
     bar.close()
 
@@ -228,7 +236,7 @@ def evaluate_lora(settings: LoraEvalSettings, out_dir: Path, *, fid_features: in
     rows: list[MetricRow] = []
     for (model, steps), batch in images.items():
         def row(metric: str, value: float) -> MetricRow:
-            return MetricRow(model, "euler", steps, steps * passes, shift, metric, value)
+            return MetricRow(model, "euler", steps, steps * passes[model], shift, metric, value)
 
         if fid_features is not None and (model, steps) != plan[0]:
             rows.append(row("fid_teacher", frechet_distance(batch, teacher_images, fid_features, inception_weights)))

@@ -79,11 +79,15 @@ class FullStudent:
         schedule: EMA decays and mode.
         teacher: if False (from-scratch training) no teacher copy is kept.
         guidance: applied to every velocity the student hands out (e.g. classifier-free guidance).
+        fold_guidance: apply ``guidance`` to the teacher only: the student (and its EMAs) learn the guided teacher
+            in one plain pass.
     """
 
-    def __init__(self, model: nn.Module, schedule: EMASchedule, *, teacher: bool = True, guidance: Wrap = no_wrap):
+    def __init__(self, model: nn.Module, schedule: EMASchedule, *, teacher: bool = True, guidance: Wrap = no_wrap,
+                 fold_guidance: bool = False):
         self.module = model
-        self._guide = guidance
+        self._guide_teacher = guidance
+        self._guide = no_wrap if fold_guidance else guidance
         self.teacher = None
         if teacher:
             self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
@@ -122,7 +126,7 @@ class FullStudent:
         """Guided teacher / fast-EMA / slow-EMA velocities, on the live module's device (call after moving it)."""
         self._follow_module_device()
         return TargetVelocities(
-            teacher=self._guide(self.teacher) if self.teacher is not None else None,
+            teacher=self._guide_teacher(self.teacher) if self.teacher is not None else None,
             fast_ema=self._shadow_velocity(self.emas.fast.shadow),
             slow_ema=self._shadow_velocity(self.emas.slow.shadow),
         )

@@ -43,25 +43,30 @@ def sweep_plan(student: bool = True) -> dict[str, tuple[tuple[str, int], ...]]:
 
 def evaluate_lora_run(pipeline_dir: Path, lora_dir: Path | None, out_dir: Path, *, guidance_scale: float,
                       shift: float, num_prompts: int = 512, seed: int = 1234, lora_scale: float = 1.0,
+                      student_guidance_scale: float | None = None, student_name: str = "student",
                       cache_dir: Path, title: str = "t2i proving ground: step sweep", notes: list[str] | None = None,
                       extra_models: dict | None = None, progress: bool = True) -> T2IReport:
     """The step sweep of the world pipeline's teacher (and of a LoRA student) on ``num_prompts`` held-out
     prompts; writes ``report.md``, ``metrics.json`` and figures into ``out_dir``.
 
-    ``extra_models``: name -> (transformer, ((sampler, steps), ...)) swept too (benchmarks use it)."""
+    ``extra_models``: name -> (transformer, ((sampler, steps), ...)) swept too (benchmarks use it).
+    ``student_guidance_scale``: the student's CFG weight (None: ``guidance_scale``; 0 for a student with the
+    guidance folded in, one pass per step), reported as ``student_name``."""
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = ev.load_world_pipeline(pipeline_dir)
     judge_model, accuracy = ev.world_judge(cache_dir, progress=progress)
     prompts = ev.prompt_set(pipe, ev.held_out_prompts(num_prompts, seed), seed, T5_LENGTH)
-    passes = 2 if guidance_scale else 1
+    student_w = guidance_scale if student_guidance_scale is None else student_guidance_scale
+    passes = {"teacher": 2 if guidance_scale else 1, student_name: 2 if student_w else 1}
     plan = sweep_plan(student=lora_dir is not None)
     velocities = {"teacher": (ev.guided_velocity(pipe.transformer, prompts.uncond, guidance_scale), plan["teacher"])}
     if lora_dir is not None:
         student = ev.fused_lora_transformer(pipeline_dir, lora_dir, lora_scale)
-        velocities["student"] = (ev.guided_velocity(student, prompts.uncond, guidance_scale), plan["student"])
+        velocities[student_name] = (ev.guided_velocity(student, prompts.uncond, student_w), plan["student"])
     for name, (transformer, model_plan) in (extra_models or {}).items():
         velocities[name] = (ev.guided_velocity(transformer, prompts.uncond, guidance_scale), model_plan)
+        passes[name] = passes["teacher"]
     rows, images = ev.world_sweep(pipe, velocities, prompts, judge_model, shift=shift, passes_per_evaluation=passes,
                                   progress=progress)
     rows = ev.floor_rows(judge_model, prompts) + rows
@@ -88,7 +93,7 @@ def plot_prompt_grid(images: dict, prompts: ev.PromptSet, path: Path, count: int
     from ..evaluation.report import plt  # Agg backend selected there
 
     columns = [("real render", prompts.reference)]
-    for name in ("teacher", "student"):
+    for name in dict.fromkeys(key[0] for key in images):  # teacher first, then each student
         for steps in GRID_STEPS:
             if (name, "euler", steps) in images:
                 columns.append((f"{name} {steps}", images[(name, "euler", steps)]))
@@ -159,7 +164,8 @@ def run_t2i_demo(out_dir: Path, overrides: list[str] | None = None, *, num_train
              f"32-step teacher samples of training prompts ({prepared:.0f} s).",
              f"Student: SCFM LoRA rank {config.lora.rank}, {state.step} steps in {trained:.0f} s"
              + (f", best {state.selection_metric} at step {state.best_step}." if state.best_step else ".")]
-    report = evaluate_lora_run(pipeline_dir, result.model_dir, out_dir / "report",
+    folded = {"student_guidance_scale": 0.0, "student_name": "student-1pass"} if config.model.fold_guidance else {}
+    report = evaluate_lora_run(pipeline_dir, result.model_dir, out_dir / "report", **folded,
                                guidance_scale=ev.training_guidance_scale(config), shift=config.eval.select_shift,
                                num_prompts=num_eval_prompts, seed=config.eval.seed, cache_dir=cache_dir,
                                title="SCFM demo on the t2i proving ground", notes=notes, progress=progress)

@@ -127,13 +127,14 @@ class SweepResult:
 
 
 def world_sweep(pipe, velocities: dict[str, tuple[object, tuple[tuple[str, int], ...]]], prompts: PromptSet,
-                judge_model, *, shift: float, passes_per_evaluation: int, teacher_reference_steps: int = 32,
-                progress: bool = True) -> tuple[list[MetricRow], dict]:
+                judge_model, *, shift: float, passes_per_evaluation: int | dict[str, int],
+                teacher_reference_steps: int = 32, progress: bool = True) -> tuple[list[MetricRow], dict]:
     """Score every (model, sampler, steps) of ``velocities`` (name -> (velocity, ((sampler, steps), ...))).
 
     ``fd_teacher`` compares with the ``teacher``'s ``teacher_reference_steps``-step Euler samples of the same
     prompts and noise (sampled first; its rows are kept only if the plan lists it). Without a ``teacher`` in
-    ``velocities`` there is no ``fd_teacher``."""
+    ``velocities`` there is no ``fd_teacher``. ``passes_per_evaluation``: transformer passes per velocity call
+    (2 with CFG), one number or one per model name."""
     planned = [(name, sampler, steps) for name, (_, plan) in velocities.items() for sampler, steps in plan]
     reference_job = ("teacher", "euler", teacher_reference_steps) if "teacher" in velocities else None
     jobs = ([reference_job] if reference_job else []) + [job for job in planned if job != reference_job]
@@ -149,7 +150,8 @@ def world_sweep(pipe, velocities: dict[str, tuple[object, tuple[tuple[str, int],
         if reference_job and (name, sampler, steps) != reference_job:  # the reference against itself is 0
             values["fd_teacher"] = judging.fd(judge_model, decoded, images[reference_job])
         values["adherence"] = judging.adherence(judge_model, decoded, prompts.scenes)
-        nfe = evaluations * passes_per_evaluation
+        passes = passes_per_evaluation if isinstance(passes_per_evaluation, int) else passes_per_evaluation[name]
+        nfe = evaluations * passes
         rows += [MetricRow(name, sampler, steps, nfe, shift, metric, value) for metric, value in values.items()]
     return rows, images
 

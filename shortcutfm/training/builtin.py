@@ -39,7 +39,10 @@ def guidance_wrap(num_classes: int, scale: float | None):
 
 def deployed_velocity(loaded: LoadedModel):
     """A saved built-in model as it samples: with the guidance scale it was trained with."""
-    return guidance_wrap(loaded.info.num_classes, loaded.info.model_config.guidance_scale)(loaded.module)
+    model = loaded.info.model_config
+    if model.fold_guidance:  # the guidance is in its weights: one plain pass
+        return loaded.module
+    return guidance_wrap(loaded.info.num_classes, model.guidance_scale)(loaded.module)
 
 
 def label_dropout(num_classes: int, probability: float):
@@ -90,9 +93,10 @@ def builtin_setup(config: Config, split: DataSplit, judge: Judge | None) -> Trai
         module, model_dict = teacher.module.train(), dict(teacher.info.model)
     else:
         module, model_dict = build_model(config.model, train.sample_shape, train.num_classes), to_dict(config.model)
-    model_dict.update(label_dropout=config.model.label_dropout, guidance_scale=config.model.guidance_scale)
+    model_dict.update(label_dropout=config.model.label_dropout, guidance_scale=config.model.guidance_scale,
+                      fold_guidance=config.model.fold_guidance)
     wrap = guidance_wrap(train.num_classes, config.model.guidance_scale)
-    student = FullStudent(module, config.ema, teacher=distill, guidance=wrap)
+    student = FullStudent(module, config.ema, teacher=distill, guidance=wrap, fold_guidance=config.model.fold_guidance)
     info = ModelInfo(
         model=model_dict,
         sample_shape=list(train.sample_shape),

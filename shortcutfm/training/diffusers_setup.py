@@ -150,6 +150,7 @@ def diffusers_setup(config: Config) -> TrainingSetup:
         quantize=config.model.quantize,
         uncond=cache.uncond,
         guidance_scale=config.model.guidance_scale,
+        fold_guidance=config.model.fold_guidance,
         gradient_checkpointing=config.model.gradient_checkpointing,
     )
 

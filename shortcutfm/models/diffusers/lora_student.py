@@ -55,6 +55,8 @@ class LoraStudent:
         schedule: EMA mode and decays ("single" keeps only ``ema_slow``).
         uncond: empty-prompt embeddings (1, ...) for real-CFG families (``family.encode_prompts(...).uncond``).
         guidance_scale: CFG scale ``w`` for real-CFG families (None = the family's default).
+        fold_guidance: guide the teacher only; the student and its EMAs learn the guided teacher in one
+            conditional pass (the exported LoRA then samples with guidance off).
         gradient_checkpointing: recompute transformer blocks in the backward pass.
     """
 
@@ -67,6 +69,7 @@ class LoraStudent:
         schedule: EMASchedule | None = None,
         uncond: Mapping[str, torch.Tensor] | None = None,
         guidance_scale: float | None = None,
+        fold_guidance: bool = False,
         gradient_checkpointing: bool = False,
     ):
         self.family = get_family(family)
@@ -102,7 +105,8 @@ class LoraStudent:
                     else:
                         tensor.zero_()
         self.emas = StudentEMAs(schedule, slow_shadow=shadows[SLOW_EMA], fast_shadow=shadows.get(FAST_EMA))
-        self._guide = self.family.guidance.wrap(uncond, guidance_scale)
+        self._guide_teacher = self.family.guidance.wrap(uncond, guidance_scale)
+        self._guide = (lambda model: model) if fold_guidance else self._guide_teacher
 
     @classmethod
     def from_pretrained(
@@ -117,6 +121,7 @@ class LoraStudent:
         subfolder: str | None = "transformer",
         uncond: Mapping[str, torch.Tensor] | None = None,
         guidance_scale: float | None = None,
+        fold_guidance: bool = False,
         gradient_checkpointing: bool = True,
     ) -> "LoraStudent":
         """Load the family's transformer in ``dtype`` (frozen base; ``quantize``: "int8" or "nf4" stores its
@@ -129,7 +134,7 @@ class LoraStudent:
         transformer = load_transformer(family, pretrained_path_or_id, subfolder=subfolder, dtype=dtype, **extra)
         return cls(
             family.velocity(transformer), family, lora=lora, schedule=schedule, uncond=uncond,
-            guidance_scale=guidance_scale, gradient_checkpointing=gradient_checkpointing,
+            guidance_scale=guidance_scale, fold_guidance=fold_guidance, gradient_checkpointing=gradient_checkpointing,
         )
 
     @property
@@ -156,7 +161,7 @@ class LoraStudent:
         """Guided teacher (adapters off), fast-EMA and slow-EMA velocities; each call runs under no_grad."""
         fast = FAST_EMA if FAST_EMA in self.ema_names else SLOW_EMA
         return TargetVelocities(
-            teacher=self._guide(_AdapterVelocity(self, None)),
+            teacher=self._guide_teacher(_AdapterVelocity(self, None)),
             fast_ema=self._guide(_AdapterVelocity(self, fast)),
             slow_ema=self._guide(_AdapterVelocity(self, SLOW_EMA)),
         )
