@@ -56,10 +56,9 @@ class LoraEvalSettings:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.prompts:
-            raise ValueError("the evaluation needs at least two prompts (a prompt file with one prompt per line)")
         if len(self.prompts) < 2:
-            raise ValueError("FID needs at least two images: give at least two prompts")
+            raise ValueError(f"the evaluation needs at least two prompts (FID needs two images), got "
+                             f"{len(self.prompts)}: a prompt file with one prompt per line")
         if not self.steps or any(n < 1 for n in self.steps) or self.teacher_steps < 1:
             raise ValueError(f"step counts must be >= 1, got steps={self.steps} teacher_steps={self.teacher_steps}")
 
