@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from _launch import finish
 from diffusers_fixtures import SEQUENCE_LENGTH, tiny_pipeline
 from shortcutfm.models.diffusers import EMA_WEIGHTS, STUDENT_WEIGHTS
 from shortcutfm.preparation import prepare_from_folder
@@ -42,15 +43,7 @@ def start(phases: list[str], pipe_dir: Path, cache_dir: Path, root: Path, steps:
 def launch(phases: list[str], pipe_dir: Path, cache_dir: Path, root: Path, timeout: float = 240, steps: int = 4,
            shard: bool = False) -> str:
     """torchrun --standalone --nproc_per_node 2 on the script; fails the test (with the output) unless rc == 0."""
-    process = start(phases, pipe_dir, cache_dir, root, steps, shard)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"torchrun {phases} did not finish in {timeout} s (a deadlock?):\n{output[-4000:]}")
-    assert process.returncode == 0, f"torchrun {phases} failed (rc {process.returncode}):\n{output[-6000:]}"
-    return output
+    return finish(start(phases, pipe_dir, cache_dir, root, steps, shard), f"torchrun {phases}", timeout)
 
 
 def dumps(root: Path, phase: str) -> tuple[list[dict[str, torch.Tensor]], list[dict]]:

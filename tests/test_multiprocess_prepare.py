@@ -15,6 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from _launch import finish
 from diffusers_fixtures import SEQUENCE_LENGTH, tiny_pipeline
 from shortcutfm.cli import app
 from shortcutfm.preparation import LatentCache
@@ -38,15 +39,8 @@ def start(args: list[str]) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def finish(process: subprocess.Popen, timeout: float = 240) -> str:
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"two-process prepare did not finish in {timeout} s:\n{output[-4000:]}")
-    assert process.returncode == 0, f"two-process prepare failed (rc {process.returncode}):\n{output[-6000:]}"
-    return output
+def finish_prepare(process: subprocess.Popen) -> str:
+    return finish(process, "two-process prepare")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +67,7 @@ def assert_same_cache(cache: LatentCache, single: LatentCache) -> None:
 
 def test_two_processes_split_the_prompts_and_merge_into_one_cache(reference):
     root, single = reference
-    output = finish(start(arguments(root / "pipe", root / "prompts.txt", root / "two")))
+    output = finish_prepare(start(arguments(root / "pipe", root / "prompts.txt", root / "two")))
     assert "merged from 2 processes" in output
     assert_same_cache(LatentCache(root / "two"), single)
 
@@ -94,6 +88,6 @@ def test_a_killed_two_process_prepare_resumes(reference):
     assert killed, "the run finished before it could be killed: the test needs more prompts"
     kept = list(out.glob("parts/rank-*/shard-*.safetensors")) + list(out.glob("shard-*.safetensors"))
     assert kept, "nothing was kept from the killed run"
-    output = finish(start(arguments(root / "pipe", root / "prompts.txt", out)))
+    output = finish_prepare(start(arguments(root / "pipe", root / "prompts.txt", out)))
     assert "already cached" in output
     assert_same_cache(LatentCache(out), single)
