@@ -116,7 +116,7 @@ def sample_diffusers(
     """Generate images with the stock pipeline plus the exported SCFM LoRA; one PNG per prompt."""
     import yaml
 
-    from .models.diffusers import fuse_lora, sample_with_pipeline
+    from .models.diffusers import family_of_pipeline, fuse_lora, sample_with_pipeline
 
     config_path = lora_dir.parent / "config.yaml"  # the run's config, beside model/, final/ and best/
     run_config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
@@ -134,8 +134,9 @@ def sample_diffusers(
     pipe = load_pipeline(pretrained)
     pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS, adapter_name="scfm")
     fuse_lora(pipe, "scfm", lora_scale)  # N steps cost N base passes
-    height = height or (layout["height"] if layout else pipe.default_sample_size * pipe.vae_scale_factor)
-    width = width or (layout["width"] if layout else pipe.default_sample_size * pipe.vae_scale_factor)
+    default_height, default_width = family_of_pipeline(pipe).latents.default_size(pipe)
+    height = height or (layout["height"] if layout else default_height)
+    width = width or (layout["width"] if layout else default_width)
     generator = torch.Generator("cpu").manual_seed(seed)
     images = sample_with_pipeline(
         pipe, prompts, num_steps=steps, shift=shift, lora_scale=1.0, guidance=guidance,  # the scale is fused in

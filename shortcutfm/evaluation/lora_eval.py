@@ -193,12 +193,10 @@ def evaluate_lora(settings: LoraEvalSettings, out_dir: Path, *, fid_features: in
     pipe.set_progress_bar_config(disable=True)
     family = family_of_pipeline(pipe)
     if settings.height is None or settings.width is None:
-        size = pipe.default_sample_size * pipe.vae_scale_factor
-        settings.height, settings.width = settings.height or size, settings.width or size
-    factor = pipe.vae_scale_factor
-    channels = pipe.vae.config.latent_channels
-    noise = torch.randn((len(settings.prompts), channels, settings.height // factor, settings.width // factor),
-                        generator=torch.Generator().manual_seed(settings.seed))
+        default_height, default_width = family.latents.default_size(pipe)
+        settings.height, settings.width = settings.height or default_height, settings.width or default_width
+    latent_shape = family.latents.latent_shape(pipe, settings.height, settings.width)
+    noise = torch.randn((len(settings.prompts), *latent_shape), generator=torch.Generator().manual_seed(settings.seed))
     write_text_atomic(out_dir / "eval_settings.json", json.dumps(asdict(settings), indent=2, default=str) + "\n",
                       what="evaluation settings")
     shift = family.sampling_shift if settings.shift is None else settings.shift

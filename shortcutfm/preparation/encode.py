@@ -40,9 +40,11 @@ def pixel_multiple(pipe) -> int:
     """Image height and width must be multiples of this: VAE downsampling times the latent patch, which is 2x2
     in every supported family (Flux packs 2x2 tokens with a patch-1 transformer) or the transformer's own
     ``patch_size`` when that is larger (the t2i proving ground's SD3 uses 4x4)."""
+    family = pipeline_family(pipe)
     config = getattr(getattr(pipe, "transformer", None), "config", None)
-    patch = int(getattr(config, "patch_size", 2) or 2)
-    return pipe.vae_scale_factor * math.lcm(2, patch)
+    patch = getattr(config, "patch_size", None) or family.token_patch
+    patch = int(patch[-1] if isinstance(patch, (tuple, list)) else patch)  # Wan: (frames, height, width)
+    return family.latents.pixels_per_latent(pipe) * math.lcm(family.token_patch, patch)
 
 
 def pipeline_default(pipe, argument: str):
@@ -67,16 +69,15 @@ def encode_uncond(pipe, max_sequence_length: int) -> TextTensors:
 def encode_images(pipe, images: list, height: int, width: int) -> Tensor:
     """PIL images -> ``(B, C, height/f, width/f)`` latents: resize (keeping the aspect ratio) and center crop to
     ``height x width`` with the pipeline's ``image_processor``, then ``(latent_dist.mean - shift) * scale``."""
-    pixels = pipe.image_processor.preprocess(
+    processor = getattr(pipe, "image_processor", None) or pipe.video_processor  # Wan has a video processor
+    pixels = processor.preprocess(
         [image.convert("RGB") for image in images], height=height, width=width, resize_mode="crop"
     )
-    vae = pipe.vae
-    latent_mean = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
-    shift_factor = vae.config.shift_factor or 0.0
-    return (latent_mean - shift_factor) * vae.config.scaling_factor
+    return pipeline_family(pipe).latents.encode(pipe.vae, pixels)
 
 
 def teacher_latents_to_vae_layout(pipe, latents: Tensor, height: int, width: int) -> Tensor:
     """What ``pipe(..., height=, width=, output_type="latent")`` returned -> ``(B, C, H, W)`` (already scaled)."""
-    factor = pipe.vae_scale_factor
-    return pipeline_family(pipe).from_pipeline_latents(latents, height // factor, width // factor)
+    family = pipeline_family(pipe)
+    factor = family.latents.pixels_per_latent(pipe)
+    return family.from_pipeline_latents(latents, height // factor, width // factor)

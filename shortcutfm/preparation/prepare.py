@@ -63,8 +63,8 @@ def resolve_layout(pipe, height: int | None, width: int | None, max_sequence_len
     """The cache layout for ``pipe``; ``None`` means the pipeline's default. Validates every value."""
     family = pipeline_family(pipe)
     multiple = pixel_multiple(pipe)
-    default_size = pipe.default_sample_size * pipe.vae_scale_factor
-    sizes = {"height": default_size if height is None else height, "width": default_size if width is None else width}
+    default_height, default_width = family.latents.default_size(pipe)
+    sizes = {"height": default_height if height is None else height, "width": default_width if width is None else width}
     for name, size in sizes.items():
         if not isinstance(size, int) or size <= 0 or size % multiple:
             raise ValueError(

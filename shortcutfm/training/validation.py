@@ -65,13 +65,9 @@ def load_prompt_encoder(config: Config, family):
     return pipe
 
 
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Cached-layout latents ``(x - shift) * scale`` -> images in [0, 1] (B, 3, H, W), float32 on the CPU."""
-    shift = vae.config.shift_factor or 0.0
-    param = next(vae.parameters())
-    with torch.no_grad():
-        pixels = vae.decode(latents.to(param.device, param.dtype) / vae.config.scaling_factor + shift).sample
-    return ((pixels.float().cpu() + 1) / 2).clamp(0, 1)
+def decode_latents(family, vae, latents: torch.Tensor) -> torch.Tensor:
+    """Cached-layout latents -> images in [0, 1] (B, 3, H, W), float32 on the CPU (the family's latent codec)."""
+    return ((family.latents.decode(vae, latents) + 1) / 2).clamp(0, 1)
 
 
 class LoraValidation:
@@ -150,7 +146,7 @@ def lora_validation(config: Config, student, cache) -> LoraValidation:
         device = next(student.transformer.parameters()).device
         if next(vae.parameters()).device != device:
             vae.to(device)
-        return decode_latents(vae, latents)
+        return decode_latents(student.family, vae, latents)
 
     return LoraValidation(config, student, cond, prompts, latent_shape, decode)
 

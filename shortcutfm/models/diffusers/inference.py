@@ -79,12 +79,14 @@ def sample_with_pipeline(
     family = family_of_pipeline(pipe)
     if latents is not None:
         latent_height, latent_width = latents.shape[-2:]
-        height, width = latent_height * pipe.vae_scale_factor, latent_width * pipe.vae_scale_factor
+        pipeline_kwargs = {**family.latents.pipeline_size(pipe, tuple(latents.shape[1:])), **pipeline_kwargs}
+        height, width = pipeline_kwargs.pop("height"), pipeline_kwargs.pop("width")
         latents = family.to_pipeline_latents(latents)
     elif height is None or width is None:
         raise ValueError("pass latents=(B, C, H, W) noise, or both height= and width= in pixels")
     else:
-        latent_height, latent_width = height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
+        factor = family.latents.pixels_per_latent(pipe)
+        latent_height, latent_width = height // factor, width // factor
 
     grid = sampling_grid(family, num_steps, latent_height, latent_width, shift)
     name = family.velocity_class.attention_kwargs_name

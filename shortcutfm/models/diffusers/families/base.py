@@ -22,6 +22,7 @@ from torch import nn
 
 from ....core.jumps import JumpSampling
 from ..guidance import EmbeddedGuidance, RealGuidance
+from ..latent_codecs import SCALED_VAE, ScaledVAE
 
 Cond = dict[str, torch.Tensor]
 
@@ -121,15 +122,18 @@ class ModelFamily:
     """(B, C, H, W) -> the layout the pipeline's ``latents=`` argument takes (Flux: packed 2x2 tokens)."""
     from_pipeline_latents: Callable[[torch.Tensor, int, int], torch.Tensor] = field(default=identity_unpack)
     """The pipeline's ``output_type="latent"`` result -> (B, C, H, W), given the latent H and W."""
+    latents: ScaledVAE = SCALED_VAE
+    """The latent codec: pixels <-> the contract's latents, sizes (:mod:`..latent_codecs`)."""
+    token_patch: int = 2
+    """Latent cells per image token along each side (2: 2x2 patches; 1: the latents are already patchified)."""
 
     def velocity(self, transformer: nn.Module, lora_scale: float = 1.0) -> DiffusersVelocity:
         """Wrap ``transformer`` in this family's velocity adapter."""
         return self.velocity_class(transformer, lora_scale=lora_scale)
 
-    @staticmethod
-    def num_image_tokens(latent_height: int, latent_width: int) -> int:
-        """Image tokens of a latent (2x2 patches in every supported family): input of the dynamic shift."""
-        return (latent_height // 2) * (latent_width // 2)
+    def num_image_tokens(self, latent_height: int, latent_width: int) -> int:
+        """Image tokens of a latent (``token_patch`` x ``token_patch`` patches): input of the dynamic shift."""
+        return (latent_height // self.token_patch) * (latent_width // self.token_patch)
 
     def jump_sampling(self, **overrides) -> JumpSampling:
         """:class:`JumpSampling` with this family's shift defaults; ``overrides`` replace any field."""

@@ -1,0 +1,60 @@
+"""How a family's pipeline maps pixels to the latents its transformer denoises, and back (a *latent codec*).
+
+The velocity contract's ``latents`` are in the layout a family's pipeline denoises in, after the VAE's
+normalisation: what :mod:`shortcutfm.preparation` caches, what the samplers start from as noise, and what the
+validation grids decode. The codec is the one place that knows that layout for a family:
+
+* :class:`ScaledVAE` (FLUX.1, SD3, Lumina 2): ``(vae.encode(x).latent_dist.mean - shift_factor) * scaling_factor``,
+  (B, C, H/f, W/f);
+* the video-style VAEs of Qwen-Image and Wan and the patchified latents of FLUX.2 have codecs of their own
+  (in their family modules).
+
+Pixels are (B, 3, H, W) in [-1, 1] (the pipelines' ``image_processor`` range) and decoded pixels are returned
+in the same range, float32 on the CPU (a video codec returns its first frame).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ScaledVAE:
+    """Latents ``(B, C, H/f, W/f)`` = ``(mean - shift_factor) * scaling_factor`` of a 2-D ``AutoencoderKL``."""
+
+    def pixels_per_latent(self, pipe) -> int:
+        """Pixels per latent cell along height and width (the VAE's downsampling factor)."""
+        return int(pipe.vae_scale_factor)
+
+    def default_size(self, pipe) -> tuple[int, int]:
+        """The pipeline's default (height, width) in pixels."""
+        size = int(pipe.default_sample_size) * self.pixels_per_latent(pipe)
+        return size, size
+
+    def latent_shape(self, pipe, height: int, width: int) -> tuple[int, ...]:
+        """The shape of one latent, without the batch, for an image of ``height`` x ``width`` pixels."""
+        factor = self.pixels_per_latent(pipe)
+        return int(pipe.vae.config.latent_channels), height // factor, width // factor
+
+    def pipeline_size(self, pipe, latent_shape: tuple[int, ...]) -> dict[str, int]:
+        """The size arguments of ``pipe(...)`` (``height``, ``width``, ...) that make latents of ``latent_shape``."""
+        factor = self.pixels_per_latent(pipe)
+        return {"height": int(latent_shape[-2]) * factor, "width": int(latent_shape[-1]) * factor}
+
+    @torch.no_grad()
+    def encode(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels in [-1, 1] -> latents, from the mean of the latent distribution (no sampling noise)."""
+        mean = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
+        return (mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> (B, 3, H, W) pixels in [-1, 1], float32 on the CPU."""
+        param = next(vae.parameters())
+        latents = latents.to(param.device, param.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        return vae.decode(latents).sample.float().cpu()
+
+
+SCALED_VAE = ScaledVAE()
