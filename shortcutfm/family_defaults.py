@@ -7,7 +7,8 @@ Pure Python: :mod:`shortcutfm.config` imports it without diffusers.
 
 Sources (docs/method.md): the authors' Flux and SD3 scripts (per-sample shift in [2.5, 4.5], 10% of samples at the
 family's own sampling shift; gradient clipping 10 for Flux, 2 for SD3); Lumina-Image 2.0's scheduler shift 6 and
-its pipeline's guidance 4 (w = 3).
+its pipeline's guidance 4 (w = 3); Qwen-Image's pipeline true_cfg_scale 4 (w = 3) and the fixed shift 3 of its
+widely used few-step LoRAs (Qwen-Image-Lightning); Wan 2.1's guidance 5 (w = 4) and its 480p flow shift 3.
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ FAMILY_DEFAULTS: dict[str, dict[str, dict]] = {
         "jumps": {"shift_range": [2.5, 4.5], "alt_shift_prob": 0.1, "alt_shift": 6.0},
         "optim": {"grad_clip": 2.0},
         "eval": {"select_shift": 6.0},
+    },
+    "qwen_image": {
+        "model": {"guidance_scale": 3.0},
+        "jumps": {"shift_range": [2.5, 4.5], "alt_shift_prob": 0.1, "alt_shift": 3.0},
+        "optim": {"grad_clip": 2.0},
+        "eval": {"select_shift": 3.0},
+    },
+    "wan": {
+        "model": {"guidance_scale": 4.0},
+        "jumps": {"shift_range": [2.5, 4.5], "alt_shift_prob": 0.1, "alt_shift": 3.0},
+        "optim": {"grad_clip": 2.0},
+        "eval": {"select_shift": 3.0},
     },
 }
 

@@ -2,7 +2,8 @@
 
 Every builder runs under its own RNG fork, so it neither reads nor changes the global torch seed: the same
 ``seed`` always gives the same weights. Nothing is downloaded (tokenizers are word-level vocabularies built
-in memory). Families: ``"flux"``, ``"sd3"``, ``"lumina2"``.
+in memory). Families: ``"flux"``, ``"sd3"``, ``"lumina2"``, ``"qwen_image"``, ``"wan"`` (video: latents
+(B, C, F, H, W) with ``LATENT_FRAMES`` frames, ``NUM_FRAMES`` video frames).
 
     transformer = tiny_transformer("flux")          # the denoiser alone
     pipe = tiny_pipeline("sd3")                     # full pipeline: VAE, text encoders, tokenizers, scheduler
@@ -19,15 +20,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
+    AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
     Lumina2Pipeline,
     Lumina2Transformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
 )
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -35,17 +43,28 @@ from transformers import (
     Gemma2Config,
     Gemma2Model,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     T5Config,
     T5EncoderModel,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
-FAMILY_NAMES = ("flux", "sd3", "lumina2")
+FAMILY_NAMES = ("flux", "sd3", "lumina2", "qwen_image", "wan")
 WORDS = "a photo of cat dog red blue small large tree house in the on sky".split()
 TEXT_LENGTH = 8  # tokens per prompt of the CLIP/T5 encoders (CLIP max length, max_sequence_length)
 #: max_sequence_length to pass to each family's pipeline (Lumina 2 prepends a ~35-token system prompt)
-SEQUENCE_LENGTH = {"flux": TEXT_LENGTH, "sd3": TEXT_LENGTH, "lumina2": 48}
-LATENT_CHANNELS = {"flux": 4, "sd3": 4, "lumina2": 4}
+SEQUENCE_LENGTH = {"flux": TEXT_LENGTH, "sd3": TEXT_LENGTH, "lumina2": 48, "qwen_image": TEXT_LENGTH,
+                   "wan": TEXT_LENGTH}
+LATENT_CHANNELS = {"flux": 4, "sd3": 4, "lumina2": 4, "qwen_image": 4, "wan": 4}
 LATENT_SIZE = 8  # latent height = width
+NUM_FRAMES = 5  # Wan video frames of the tiny pipeline (4k + 1, as WanPipeline needs; temporal factor 2: 3 latent frames)
+LATENT_FRAMES = 3
+#: words of Qwen-Image's prompt template (its system prefix must tokenise to prompt_template_encode_start_idx = 34)
+QWEN_TEMPLATE_WORDS = ("system user assistant Describe image by detailing color , shape size texture quantity text "
+                       "spatial relationships objects and background :").split()
+QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "\n"]
 
 
 def _build(seed: int, factory):
@@ -72,6 +91,15 @@ def tiny_transformer(family: str, seed: int = 0, dtype: torch.dtype = torch.floa
             num_refiner_layers=1, num_attention_heads=3, num_kv_heads=1, multiple_of=16,
             axes_dim_rope=(4, 2, 2), axes_lens=(64, 16, 16), cap_feat_dim=32,
         ),
+        "qwen_image": lambda: QwenImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=32, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+        ),
+        "wan": lambda: WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+            text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        ),
     }
     if family not in factories:
         raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILY_NAMES}")
@@ -81,7 +109,8 @@ def tiny_transformer(family: str, seed: int = 0, dtype: torch.dtype = torch.floa
 def tiny_latents(family: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
     """Standard-normal (B, C, H, W) latents in the VAE-latent layout of ``family``'s tiny pipeline."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, LATENT_CHANNELS[family], LATENT_SIZE, LATENT_SIZE, generator=generator)
+    frames = (LATENT_FRAMES,) if family == "wan" else ()
+    return torch.randn(batch, LATENT_CHANNELS[family], *frames, LATENT_SIZE, LATENT_SIZE, generator=generator)
 
 
 def tiny_cond(family: str, batch: int = 2, seed: int = 0) -> dict:
@@ -90,10 +119,10 @@ def tiny_cond(family: str, batch: int = 2, seed: int = 0) -> dict:
     cond = {"prompt_embeds": torch.randn(batch, 6, 32, generator=g)}
     if family in ("flux", "sd3"):
         cond["pooled_prompt_embeds"] = torch.randn(batch, 32 if family == "flux" else 64, generator=g)
-    if family == "lumina2":
+    if family in ("lumina2", "qwen_image"):
         mask = torch.ones(batch, 6, dtype=torch.long)
         mask[0, 4:] = 0  # padded text in the first row
-        cond["prompt_attention_mask"] = mask
+        cond["prompt_attention_mask" if family == "lumina2" else "prompt_embeds_mask"] = mask
     if family == "flux":
         cond["guidance"] = torch.tensor([1.0, 4.5])[:batch]
     return cond
@@ -133,10 +162,38 @@ def _vae(latent_channels: int, shift_factor: float | None) -> AutoencoderKL:
     )
 
 
-def tiny_scheduler(family: str) -> FlowMatchEulerDiscreteScheduler:
-    """The family's usual scheduler settings (Flux: dynamic shift; SD3: shift 3; Lumina 2: shift 6)."""
+def _qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """Word level; the template's special tokens and newline are added tokens, so its prefix is 34 tokens."""
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1}
+    for word in QWEN_SPECIAL + WORDS + QWEN_TEMPLATE_WORDS:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in QWEN_SPECIAL])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|endoftext|>", unk_token="[UNK]",
+                                   model_max_length=2048, padding_side="right")
+
+
+def _wan_tokenizer() -> PreTrainedTokenizerFast:
+    """Word level, appending EOS as umt5-xxl does (the empty prompt is one token)."""
+    tokenizer = tiny_tokenizer(512)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A [EOS]", special_tokens=[("[EOS]", 3)])
+    return tokenizer
+
+
+def tiny_scheduler(family: str):
+    """The family's usual scheduler settings (Flux: dynamic shift; SD3: shift 3; Lumina 2: shift 6; Qwen-Image:
+    its dynamic shift with a terminal stretch; Wan: UniPC with flow shift 3)."""
     if family == "flux":
         return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    if family == "qwen_image":
+        return FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+            max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential", shift=1.0)
+    if family == "wan":
+        return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                       num_train_timesteps=1000, solver_order=2)
     return FlowMatchEulerDiscreteScheduler(shift=3.0 if family == "sd3" else 6.0)
 
 
@@ -168,6 +225,33 @@ def tiny_pipeline(family: str, transformer: torch.nn.Module | None = None, seed:
             transformer=transformer, scheduler=scheduler, vae=_build(seed + 1, lambda: _vae(4, 0.1)),
             text_encoder=_build(seed + 2, lambda: Gemma2Model(gemma)),
             tokenizer=tiny_tokenizer(SEQUENCE_LENGTH["lumina2"]),
+        )
+    if family == "qwen_image":
+        tokenizer = _qwen_tokenizer()
+        qwen = Qwen2_5_VLConfig(
+            text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1,
+                             rope_scaling={"mrope_section": [2, 3, 3], "rope_type": "default"},
+                             pad_token_id=0, bos_token_id=0, eos_token_id=0),
+            vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
+        )
+        vae = _build(seed + 1, lambda: AutoencoderKLQwenImage(  # one downsampling: 2x, like the other tiny VAEs
+            base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+            latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 2.0, 1.2]))
+        return QwenImagePipeline(
+            transformer=transformer, scheduler=scheduler, vae=vae, tokenizer=tokenizer,
+            text_encoder=_build(seed + 2, lambda: Qwen2_5_VLForConditionalGeneration(qwen)),
+        )
+    if family == "wan":
+        umt5 = UMT5Config(vocab_size=VOCAB_SIZE, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                          relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
+        vae = _build(seed + 1, lambda: AutoencoderKLWan(  # 2x in space and in time
+            base_dim=2, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True],
+            latents_mean=[0.3, -0.2, 0.1, 0.5], latents_std=[1.5, 2.0, 0.5, 1.25],
+            scale_factor_spatial=2, scale_factor_temporal=2))
+        return WanPipeline(
+            transformer=transformer, scheduler=scheduler, vae=vae, tokenizer=_wan_tokenizer(),
+            text_encoder=_build(seed + 2, lambda: UMT5EncoderModel(umt5)),
         )
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILY_NAMES}")
 

@@ -1,4 +1,5 @@
-"""Family adapters: the velocity contract and each boundary conversion (packing, x1000, inverted time)."""
+"""Family adapters: the velocity contract and each boundary conversion (packing, x1000, inverted time), the
+guidance rules that differ by family, and the latent codecs (pixels <-> the contract's latents)."""
 
 import os
 
@@ -7,9 +8,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-from diffusers_fixtures import FAMILY_NAMES, tiny_cond, tiny_latents, tiny_transformer
-from shortcutfm.models.diffusers import FAMILIES, FLUX, LUMINA2, SD3, get_family, load_transformer
+from diffusers_fixtures import FAMILY_NAMES, tiny_cond, tiny_latents, tiny_pipeline, tiny_transformer
+from shortcutfm.models.diffusers import FAMILIES, FLUX, LUMINA2, QWEN_IMAGE, SD3, WAN, get_family, load_transformer
 from shortcutfm.models.diffusers.families.flux import latent_image_ids, pack_latents, unpack_latents
+from shortcutfm.models.diffusers.families.qwen_image import token_norm_rescale
 
 torch.set_num_threads(1)
 
@@ -90,6 +92,76 @@ def test_lumina2_time_is_inverted_and_velocity_negated():
     assert torch.equal(v, -record.output)
 
 
+def test_qwen_image_passes_sigma_packed_tokens_mask_and_shapes():
+    transformer = tiny_transformer("qwen_image")
+    record = Recorder(transformer)
+    sigma, cond, latents = torch.tensor([0.8, 0.25]), tiny_cond("qwen_image"), tiny_latents("qwen_image")
+    with torch.no_grad():
+        v = QWEN_IMAGE.velocity(transformer)(latents, sigma, **cond)
+    kwargs = record.kwargs
+    assert torch.equal(kwargs["timestep"], sigma)  # QwenImagePipeline passes t / 1000
+    assert torch.equal(kwargs["hidden_states"], pack_latents(latents))
+    assert torch.equal(kwargs["encoder_hidden_states_mask"], cond["prompt_embeds_mask"])
+    assert kwargs["img_shapes"] == [[(1, 4, 4)]] * 2  # (frames, token rows, token columns) per sample
+    assert torch.equal(v, unpack_latents(record.output, 8, 8))  # no sign flip
+
+
+def test_qwen_image_guidance_keeps_each_tokens_conditional_norm():
+    """Qwen's true CFG: the guided velocity of every 2x2 patch (one token) has the norm of the conditional one,
+    and its direction is the plain rule's."""
+    v_cond, v_uncond = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    plain = v_cond + 3.0 * (v_cond - v_uncond)
+    out = token_norm_rescale(v_cond, plain)
+    norms = lambda x: pack_latents(x).norm(dim=-1)  # noqa: E731 (per-token norms)
+    torch.testing.assert_close(norms(out), norms(v_cond))
+    cosine = torch.nn.functional.cosine_similarity(pack_latents(out), pack_latents(plain), dim=-1)
+    torch.testing.assert_close(cosine, torch.ones_like(cosine))
+    assert QWEN_IMAGE.guidance.pipeline_kwargs(3.0) == {"true_cfg_scale": 4.0, "negative_prompt": ""}
+    assert QWEN_IMAGE.guidance.rescale is token_norm_rescale and SD3.guidance.rescale is None
+
+
+def test_wan_takes_video_latents_and_timestep_times_1000():
+    transformer = tiny_transformer("wan")
+    record = Recorder(transformer)
+    sigma, latents = torch.tensor([0.8, 0.25]), tiny_latents("wan")
+    assert latents.ndim == 5
+    with torch.no_grad():
+        v = WAN.velocity(transformer)(latents, sigma, **tiny_cond("wan"))
+    torch.testing.assert_close(record.kwargs["timestep"], torch.tensor([800.0, 250.0]))
+    assert torch.equal(record.kwargs["hidden_states"], latents)
+    assert torch.equal(v, record.output)
+    with pytest.raises(ValueError, match="B, C, F, H, W"):
+        WAN.velocity(transformer)(latents[:, :, 0], sigma, **tiny_cond("wan"))
+
+
+@pytest.mark.parametrize("family", ["sd3", "qwen_image", "wan"])
+def test_latent_codec_normalises_as_the_pipeline_decodes(family):
+    """codec.decode(codec.encode(x)) equals the VAE's own round trip, and decode inverts the normalisation the way
+    the pipeline does before its VAE (SD3: /scaling + shift; Qwen/Wan: * latents_std + latents_mean)."""
+    pipe = tiny_pipeline(family)
+    codec, vae = get_family(family).latents, pipe.vae
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    latents = codec.encode(vae, pixels)
+    expected_shape = (2, 4, 1, 8, 8) if family == "wan" else (2, 4, 8, 8)
+    assert latents.shape == expected_shape
+    with torch.no_grad():
+        if family == "sd3":
+            raw = vae.encode(pixels).latent_dist.mean
+            torch.testing.assert_close(latents, (raw - vae.config.shift_factor) * vae.config.scaling_factor)
+            round_trip = vae.decode(raw).sample
+        else:
+            raw = vae.encode(pixels.unsqueeze(2)).latent_dist.mean
+            mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+            std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+            assert not torch.allclose(mean, torch.zeros_like(mean))  # the normalisation is really exercised
+            torch.testing.assert_close(latents, ((raw - mean) / std).reshape(expected_shape))
+            round_trip = vae.decode(raw).sample[:, :, 0]
+    torch.testing.assert_close(codec.decode(vae, latents), round_trip, atol=1e-5, rtol=1e-5)
+    assert codec.latent_shape(pipe, 16, 16) == expected_shape[1:]
+    size = codec.pipeline_size(pipe, (4, 3, 8, 8) if family == "wan" else (4, 8, 8))
+    assert size == ({"height": 16, "width": 16, "num_frames": 5} if family == "wan" else {"height": 16, "width": 16})
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_bfloat16_transformer_keeps_the_callers_dtype(family):
     velocity = get_family(family).velocity(tiny_transformer(family, dtype=torch.bfloat16))
@@ -112,7 +184,7 @@ def test_input_errors_name_the_fix():
 
 
 def test_registry_and_load_transformer(tmp_path):
-    assert set(FAMILIES) == {"flux", "sd3", "lumina2"}
+    assert set(FAMILIES) == {"flux", "sd3", "lumina2", "qwen_image", "wan"}
     with pytest.raises(ValueError, match="choose one of"):
         get_family("sdxl")
     tiny_transformer("sd3").save_pretrained(tmp_path / "transformer")

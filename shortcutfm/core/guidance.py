@@ -10,6 +10,7 @@ from torch import nn
 from .velocity import VelocityModel
 
 UncondFn = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+Rescale = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class ClassifierFreeGuidance(nn.Module):
@@ -20,13 +21,16 @@ class ClassifierFreeGuidance(nn.Module):
         scale: guidance weight ``w``; 0 returns ``v_cond`` with a single pass.
         uncond_fn: maps the conditioning of a batch to its unconditional counterpart (for class labels:
             the null label; for text: the empty-prompt embeddings).
+        rescale: optional ``(v_cond, v_guided) -> v`` applied to the guided velocity (e.g. Qwen-Image's
+            rescaling to the conditional prediction's norm); None: the plain rule.
     """
 
-    def __init__(self, model: VelocityModel, scale: float, uncond_fn: UncondFn):
+    def __init__(self, model: VelocityModel, scale: float, uncond_fn: UncondFn, rescale: Rescale | None = None):
         super().__init__()
         self.model = model
         self.scale = float(scale)
         self.uncond_fn = uncond_fn
+        self.rescale = rescale
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         if self.scale == 0.0:
@@ -36,7 +40,8 @@ class ClassifierFreeGuidance(nn.Module):
             raise ValueError(f"uncond_fn returned keys {sorted(uncond)}, expected {sorted(cond)}")
         both = {name: torch.cat([cond[name], uncond[name]]) for name in cond}
         v_cond, v_uncond = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
-        return v_cond + self.scale * (v_cond - v_uncond)
+        guided = v_cond + self.scale * (v_cond - v_uncond)
+        return guided if self.rescale is None else self.rescale(v_cond, guided)
 
 
 def null_label_uncond(null_label: int, key: str = "y") -> UncondFn:

@@ -295,8 +295,12 @@ def prepare_from_prompts(pipe, prompt_file: str | Path, out_dir: str | Path, *, 
     extra = dict(pipeline_kwargs or {})
     if _TEACHER_OWNED_ARGS & extra.keys():
         raise ValueError(f"pipeline_kwargs may not set {sorted(_TEACHER_OWNED_ARGS & extra.keys())}; use the arguments")
+    guidance = pipeline_family(pipe).guidance
+    scale_argument = guidance.scale_argument  # the pipeline's own name (Qwen-Image: true_cfg_scale)
+    if scale_argument in extra:
+        raise ValueError(f"pipeline_kwargs may not set {scale_argument!r}; use guidance_scale")
     if guidance_scale is None:
-        guidance_scale = pipeline_default(pipe, "guidance_scale")
+        guidance_scale = pipeline_default(pipe, scale_argument)
     try:
         json.dumps(extra)
     except TypeError as error:
@@ -324,8 +328,8 @@ def prepare_from_prompts(pipe, prompt_file: str | Path, out_dir: str | Path, *, 
             captions = [record.caption for record in records]
             generators = [torch.Generator("cpu").manual_seed(record.seed) for record in records]
             output = pipe(prompt=captions, height=layout.height, width=layout.width, num_inference_steps=num_steps,
-                          guidance_scale=guidance_scale, generator=generators, output_type="latent",
-                          max_sequence_length=layout.max_sequence_length, return_dict=False, **extra)[0]
+                          generator=generators, output_type="latent", max_sequence_length=layout.max_sequence_length,
+                          return_dict=False, **{scale_argument: guidance_scale, **guidance.teacher_kwargs(), **extra})[0]
             latents = teacher_latents_to_vae_layout(pipe, output, layout.height, layout.width)
             _add_batch(writer, records, latents, encode_text(pipe, captions, layout.max_sequence_length))
             report.added += len(records)

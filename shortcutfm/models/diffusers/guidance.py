@@ -13,7 +13,7 @@ same rule as ``v_uncond + g (v_cond - v_uncond)``, so their ``guidance_scale`` i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -58,8 +58,13 @@ class EmbeddedGuidance:
         """No wrapper: the guidance is part of cond."""
         return no_wrap
 
+    scale_argument = "guidance_scale"
+
     def pipeline_kwargs(self, value: float | None = None) -> dict:
         return {"guidance_scale": self.sampling_value if value is None else float(value)}
+
+    def teacher_kwargs(self) -> dict:
+        return {}
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,12 @@ class RealGuidance:
     """``w`` of ``v_cond + w (v_cond - v_uncond)`` (pipeline ``guidance_scale`` = w + 1); 0 = no guidance."""
     pipeline_extra: Mapping[str, object] = field(default_factory=dict)
     """Extra pipeline arguments that make the pipeline's guidance equal to this rule."""
+    scale_argument: str = "guidance_scale"
+    """The pipeline's argument for ``w + 1`` (Qwen-Image: ``true_cfg_scale``)."""
+    negative_prompt: str | None = None
+    """Passed as the pipeline's ``negative_prompt`` when the pipeline guides only with one (Qwen-Image: "")."""
+    rescale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    """``(v_cond, v_guided) -> v`` after the rule, where the pipeline always applies one (Qwen-Image)."""
 
     def training_cond(self, cond: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> dict:
         return dict(cond)
@@ -115,10 +126,14 @@ class RealGuidance:
         uncond_fn = self.uncond_fn(uncond)
 
         def wrap(model):
-            return ClassifierFreeGuidance(model, scale, uncond_fn)
+            return ClassifierFreeGuidance(model, scale, uncond_fn, rescale=self.rescale)
 
         return wrap
 
     def pipeline_kwargs(self, scale: float | None = None) -> dict:
         scale = self.scale if scale is None else float(scale)
-        return {"guidance_scale": scale + 1.0, **self.pipeline_extra}
+        return {self.scale_argument: scale + 1.0, **self.pipeline_extra, **self.teacher_kwargs()}
+
+    def teacher_kwargs(self) -> dict:
+        """Pipeline arguments besides the scale without which the pipeline would not guide (a negative prompt)."""
+        return {} if self.negative_prompt is None else {"negative_prompt": self.negative_prompt}

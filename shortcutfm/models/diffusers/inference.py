@@ -1,12 +1,15 @@
 """Few-step sampling with a standard diffusers pipeline and an SCFM LoRA (docs/method.md, "Inference").
 
-The pipeline runs plain Euler on our shifted N-step grid: the grid is passed as ``sigmas=`` to a
-``FlowMatchEulerDiscreteScheduler`` with ``shift=1`` and no dynamic shifting (otherwise the scheduler would
-shift our already shifted grid again). The pipeline's own scheduler is put back afterwards.
+The pipeline runs plain Euler on our shifted N-step grid: a ``FlowMatchEulerDiscreteScheduler`` with ``shift=1``
+and no dynamic shifting (otherwise it would shift our already shifted grid again) gets the grid as ``sigmas=``,
+passed by the pipeline where its ``__call__`` takes ``sigmas`` and bound into the scheduler's ``set_timesteps``
+for pipelines that call it with the step count only (Wan). The pipeline's own scheduler is put back afterwards.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Sequence
 
 import torch
@@ -97,15 +100,20 @@ def sample_with_pipeline(
     if attention_kwargs:
         kwargs[name] = attention_kwargs
 
+    sigmas = grid[:-1].tolist()
+    if "sigmas" in inspect.signature(pipe.__call__).parameters:
+        kwargs["sigmas"] = sigmas
     original_scheduler = pipe.scheduler
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(original_scheduler.config, **EXACT_GRID_SCHEDULER)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(original_scheduler.config, **EXACT_GRID_SCHEDULER)
+    scheduler.set_timesteps = functools.partial(scheduler.set_timesteps, sigmas=sigmas)
+    pipe.scheduler = scheduler
     try:
         result = pipe(
-            prompt=prompts, num_inference_steps=num_steps, sigmas=grid[:-1].tolist(), height=height, width=width,
-            latents=latents, generator=generator, output_type=output_type, **kwargs,
-        )
+            prompt=prompts, num_inference_steps=num_steps, height=height, width=width,
+            latents=latents, generator=generator, output_type=output_type, return_dict=False, **kwargs,
+        )[0]  # images, or Wan's frames
     finally:
         pipe.scheduler = original_scheduler
     if output_type == "latent":
-        return family.from_pipeline_latents(result.images, latent_height, latent_width)
-    return result.images
+        return family.from_pipeline_latents(result, latent_height, latent_width)
+    return result

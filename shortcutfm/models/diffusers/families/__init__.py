@@ -7,9 +7,11 @@ import torch
 from .base import DiffusersVelocity, ModelFamily, PromptEncoding
 from .flux import FLUX, FluxVelocity
 from .lumina2 import LUMINA2, Lumina2Velocity
+from .qwen_image import QWEN_IMAGE, QwenImageVelocity
 from .sd3 import SD3, SD3Velocity
+from .wan import WAN, WanVelocity
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, LUMINA2)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, LUMINA2, QWEN_IMAGE, WAN)}
 
 
 def get_family(family: str | ModelFamily) -> ModelFamily:
@@ -49,6 +51,7 @@ def load_transformer(
 
 
 __all__ = [
-    "FAMILIES", "FLUX", "SD3", "LUMINA2", "DiffusersVelocity", "FluxVelocity", "SD3Velocity", "Lumina2Velocity",
+    "FAMILIES", "FLUX", "SD3", "LUMINA2", "QWEN_IMAGE", "WAN", "DiffusersVelocity", "FluxVelocity", "SD3Velocity",
+    "Lumina2Velocity", "QwenImageVelocity", "WanVelocity",
     "ModelFamily", "PromptEncoding", "family_of_pipeline", "get_family", "load_transformer",
 ]
