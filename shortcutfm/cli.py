@@ -292,7 +292,7 @@ def sample(
 
 @app.command()
 def prepare(
-    pipeline: str = typer.Option(..., "--pipeline", help="The teacher pipeline: local path or hub id (FLUX.1, SD3/3.5, Lumina 2)."),
+    pipeline: str = typer.Option(..., "--pipeline", help="The teacher pipeline: local path or hub id (a supported family)."),
     out: Path = typer.Option(..., "--out", help="Cache directory (data.source of the training config)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Teacher-made data: a prompt file (.txt one per line, or .jsonl)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Your images: a folder of images with same-name .txt captions."),
@@ -307,6 +307,8 @@ def prepare(
         help="Records per shard file (a killed run keeps every finished shard)."),
     buckets: bool = typer.Option(False, "--buckets",
         help="--images: aspect-ratio buckets of about --height x --width pixels (one cache per bucket under --out)."),
+    num_frames: Optional[int] = typer.Option(None, "--num-frames",
+        help="--prompts with a video model (Wan): frames per teacher video, 4k + 1 (default: the pipeline's, 81)."),
 ) -> None:
     """Encode once: latents and text embeddings (and the empty prompt) cached as safetensors shards."""
     from .preparation import PreparationError, prepare_from_folder, prepare_from_prompts
@@ -337,11 +339,21 @@ def prepare(
             # as in the trainer: a CPU-only launch gets its gloo process group only with cpu=True
             state = PartialState(cpu=not torch.accelerator.is_available())
         rank = state.process_index if state else 0
+        if num_frames is not None and (prompts is None or num_frames < 1 or num_frames % 4 != 1):
+            raise ValueError(f"--num-frames {num_frames}: give 4k + 1 frames (e.g. 81), with --prompts "
+                             "(a folder of images makes one-frame videos)")
         pipe = load_pipeline(pipeline, device=state.device if state else None)
         share = {"rank": rank, "world_size": world, "records_per_shard": records_per_shard}
         if prompts is not None:
+            from .preparation import pipeline_family
+
+            frames = {}
+            if num_frames is not None:
+                if not getattr(pipeline_family(pipe).latents, "keep_frames", False):
+                    raise ValueError(f"--num-frames is for video pipelines (Wan); {pipeline} makes images")
+                frames = {"pipeline_kwargs": {"num_frames": num_frames}}
             report = prepare_from_prompts(pipe, prompts, out, num_steps=steps, height=height, width=width, seed=seed,
-                                          model_id=pipeline, max_sequence_length=max_sequence_length, **share)
+                                          model_id=pipeline, max_sequence_length=max_sequence_length, **frames, **share)
         else:
             report = prepare_from_folder(pipe, images, out, height=height, width=width, model_id=pipeline,
                                          # several processes: every rank finishes and merges before bad inputs fail it

@@ -98,22 +98,41 @@ def load_pipeline(pretrained: str, dtype: str = "bfloat16", device: torch.device
 
 
 def _cache_layout(source: str | None) -> dict | None:
-    """The layout (height, width, max_sequence_length) of the prepared cache a run trained on, if readable."""
+    """The layout (height, width, max_sequence_length, and ``latent_shape``) of the prepared cache a run trained on,
+    if readable."""
     from .preparation.cache import CacheError, read_manifest
 
     if not source:
         return None
     try:
-        return read_manifest(Path(source))["layout"]
+        manifest = read_manifest(Path(source))
     except CacheError:
         return None
+    return {**manifest["layout"], "latent_shape": tuple(manifest["tensors"]["latents"]["shape"])}
+
+
+#: frames per second of the animated GIFs ``shortcutfm sample`` writes for video models (Wan's 16 fps)
+VIDEO_FPS = 16
+
+
+def _save_sample(sample, path: Path) -> Path:
+    """One pipeline output: a PIL image as PNG; a video (a list of PIL frames) as an animated GIF (one frame: PNG)."""
+    if isinstance(sample, (list, tuple)):
+        if len(sample) > 1:
+            path = path.with_suffix(".gif")
+            sample[0].save(path, save_all=True, append_images=list(sample[1:]), duration=1000 // VIDEO_FPS, loop=0)
+            return path
+        sample = sample[0]
+    sample.save(path)
+    return path
 
 
 def sample_diffusers(
     lora_dir: Path, *, pretrained: str | None, prompts: list[str], steps: int, shift: float | None,
     lora_scale: float, seed: int, out: Path, height: int | None = None, width: int | None = None,
 ) -> list[Path]:
-    """Generate images with the stock pipeline plus the exported SCFM LoRA; one PNG per prompt."""
+    """Generate images with the stock pipeline plus the exported SCFM LoRA; one PNG per prompt (video models: an
+    animated GIF, or a PNG for one-frame videos)."""
     import yaml
 
     from .models.diffusers import family_of_pipeline, fuse_lora, sample_with_pipeline
@@ -134,9 +153,13 @@ def sample_diffusers(
     pipe = load_pipeline(pretrained)
     pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS, adapter_name="scfm")
     fuse_lora(pipe, "scfm", lora_scale)  # N steps cost N base passes
-    default_height, default_width = family_of_pipeline(pipe).latents.default_size(pipe)
+    codec = family_of_pipeline(pipe).latents
+    default_height, default_width = codec.default_size(pipe)
     height = height or (layout["height"] if layout else default_height)
     width = width or (layout["width"] if layout else default_width)
+    if layout:  # the other size arguments of the trained latents (Wan: num_frames)
+        sizes = codec.pipeline_size(pipe, layout["latent_shape"])
+        extra.update({name: value for name, value in sizes.items() if name not in ("height", "width")})
     generator = torch.Generator("cpu").manual_seed(seed)
     images = sample_with_pipeline(
         pipe, prompts, num_steps=steps, shift=shift, lora_scale=1.0, guidance=guidance,  # the scale is fused in
@@ -147,6 +170,5 @@ def sample_diffusers(
     written = []
     for i, image in enumerate(images):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i:03d}{out.suffix or '.png'}")
-        image.save(path)
-        written.append(path)
+        written.append(_save_sample(image, path))
     return written

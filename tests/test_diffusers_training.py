@@ -112,7 +112,8 @@ class GuidanceSpy:
 
 @pytest.mark.parametrize(
     "family, checkpointing, extra",
-    [("flux", False, []), ("sd3", True, ["model.guidance_scale=2.0"]), ("lumina2", True, [])],
+    [("flux", False, []), ("sd3", True, ["model.guidance_scale=2.0"]), ("lumina2", True, []),
+     ("qwen_image", False, []), ("wan", True, [])],
 )
 def test_family_preset_distils_and_pipeline_matches_library(family, checkpointing, extra, tmp_path, monkeypatch):
     pipe_dir = save_tiny_pipeline(family, tmp_path / "pipe")
@@ -145,9 +146,12 @@ def test_family_preset_distils_and_pipeline_matches_library(family, checkpointin
     # the LoRA moved away from zero, and final/ is the last checkpoint's student exactly
     last = result.run_dir / "checkpoints" / step_name(STEPS)
     trained = load_file(str(last / "student.safetensors"))
-    b_tensors = [v for k, v in trained.items() if "lora_B" in k]
+    # The last joint block's text-stream outputs are discarded (SD3, Qwen-Image): their LoRA gets no gradient.
+    last_block = max((int(k.split(".")[1]) for k in trained if k.startswith("transformer_blocks.")), default=-1)
+    discarded = ("add_q_proj", "to_add_out", "txt_mlp", "ff_context")
+    b_tensors = [v for k, v in trained.items() if "lora_B" in k and not (
+        k.startswith(f"transformer_blocks.{last_block}.") and any(name in k for name in discarded))]
     moved = [bool(v.abs().max() > 0) for v in b_tensors]
-    # (a few B may rightly stay 0: e.g. SD3's last block discards its context queries, so they get no gradient)
     assert b_tensors and sum(moved) >= 0.9 * len(moved), f"{sum(moved)} of {len(moved)} LoRA B tensors moved"
     exported = load_file(str(result.run_dir / "final" / STUDENT_WEIGHTS))
     assert set(exported) == {f"transformer.{k}" for k in trained}

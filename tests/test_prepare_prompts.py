@@ -1,4 +1,5 @@
-"""prepare_from_prompts: teacher-made data with tiny Flux / SD3 / Lumina 2 pipelines built from config."""
+"""prepare_from_prompts: teacher-made data with tiny Flux / SD3 / Lumina 2 / Qwen-Image / Wan pipelines built from
+config."""
 
 import os
 
@@ -6,7 +7,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
-from diffusers_fixtures import LATENT_SIZE, TEXT_LENGTH, quiet_tiny_pipelines
+from diffusers_fixtures import LATENT_FRAMES, LATENT_SIZE, NUM_FRAMES, TEXT_LENGTH, quiet_tiny_pipelines
 
 from shortcutfm.preparation import (
     LatentCache,
@@ -16,9 +17,11 @@ from shortcutfm.preparation import (
     prompt_seed,
 )
 
-FAMILIES = ["flux", "sd3", "lumina2"]
+FAMILIES = ["flux", "sd3", "lumina2", "qwen_image", "wan"]
 # Pixels giving the tiny transformers' 8x8 latents (Lumina2Pipeline assumes an 8x VAE whatever the VAE is).
-TEACHER_SIZE = {"flux": 16, "sd3": 16, "lumina2": 64}
+TEACHER_SIZE = {"flux": 16, "sd3": 16, "lumina2": 64, "qwen_image": 16, "wan": 16}
+#: what a user passes as pipeline_kwargs (the video length of Wan's teacher samples)
+EXTRA = {"wan": {"num_frames": NUM_FRAMES}}
 PROMPTS = ["a photo of a cat", "a red house", "a dog in the sky"]
 
 
@@ -35,13 +38,17 @@ def prepare(pipe, family, prompt_file, out_dir, **kwargs) -> PreparationReport:
 
 
 def pipeline_latents(pipe, family, prompt, seed):
-    """The pipeline's own output for one prompt, in (C, H, W) layout."""
+    """The pipeline's own output for one prompt, in (C, H, W) layout ((C, F, H, W) for Wan), guided as its users
+    guide it (Qwen-Image's true CFG needs a negative prompt)."""
     size = TEACHER_SIZE[family]
+    guidance = {"true_cfg_scale": 4.0, "negative_prompt": ""} if family == "qwen_image" else {}
     output = pipe(prompt, height=size, width=size, num_inference_steps=2, output_type="latent",
                   generator=torch.Generator("cpu").manual_seed(seed), max_sequence_length=TEXT_LENGTH,
-                  return_dict=False)[0]
+                  return_dict=False, **guidance, **EXTRA.get(family, {}))[0]
     if family == "flux":  # packed (B, tokens, C*4); the pipeline's own unpacking is the oracle here
         output = pipe._unpack_latents(output, size, size, pipe.vae_scale_factor)
+    if family == "qwen_image":  # packed too; its unpacking gives (B, C, 1, H, W)
+        output = pipe._unpack_latents(output, size, size, pipe.vae_scale_factor)[:, :, 0]
     return output[0]
 
 
@@ -50,13 +57,15 @@ def test_teacher_latents_equal_the_pipeline_output(pipes, family, tmp_path):
     pipe = pipes[family]
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("# teacher prompts\n" + "\n\n".join(PROMPTS) + "\n")
-    report = prepare(pipe, family, prompt_file, tmp_path / "cache")
+    extra = {"pipeline_kwargs": EXTRA[family]} if family in EXTRA else {}
+    report = prepare(pipe, family, prompt_file, tmp_path / "cache", **extra)
     assert (report.added, report.already_cached, report.num_records) == (3, 0, 3)
 
     cache = LatentCache(tmp_path / "cache")
     assert sorted(record.caption for record in cache.records) == sorted(PROMPTS)
     batch = cache.get(torch.arange(3))
-    assert batch["latents"].shape == (3, 4, LATENT_SIZE, LATENT_SIZE)
+    frames = (LATENT_FRAMES,) if family == "wan" else ()
+    assert batch["latents"].shape == (3, 4, *frames, LATENT_SIZE, LATENT_SIZE)
     for row, record in enumerate(cache.records):
         assert record.seed == prompt_seed(0, record.caption) and record.source == "teacher"
         expected = pipeline_latents(pipe, family, record.caption, record.seed)
@@ -65,7 +74,7 @@ def test_teacher_latents_equal_the_pipeline_output(pipes, family, tmp_path):
 
     # Re-running, even with the prompts in another order, adds nothing.
     prompt_file.write_text("\n".join(reversed(PROMPTS)))
-    again = prepare(pipe, family, prompt_file, tmp_path / "cache")
+    again = prepare(pipe, family, prompt_file, tmp_path / "cache", **extra)
     assert (again.added, again.already_cached, again.num_records) == (0, 3, 3)
 
 
