@@ -7,7 +7,8 @@ Pure Python: :mod:`shortcutfm.config` imports it without diffusers.
 
 Sources (docs/method.md): the authors' Flux and SD3 scripts (per-sample shift in [2.5, 4.5], 10% of samples at the
 family's own sampling shift; gradient clipping 10 for Flux, 2 for SD3); Lumina-Image 2.0's scheduler shift 6 and
-its pipeline's guidance 4 (w = 3); Qwen-Image's pipeline true_cfg_scale 4 (w = 3) and the fixed shift 3 of its
+its pipeline's guidance 4 (w = 3); FLUX.2 [klein] base's guidance 4 (w = 3) and its own step- and size-dependent
+shift ("dynamic"); Qwen-Image's pipeline true_cfg_scale 4 (w = 3) and the fixed shift 3 of its
 widely used few-step LoRAs (Qwen-Image-Lightning); Wan 2.1's guidance 5 (w = 4) and its 480p flow shift 3.
 """
 
@@ -32,6 +33,13 @@ FAMILY_DEFAULTS: dict[str, dict[str, dict]] = {
         "jumps": {"shift_range": [2.5, 4.5], "alt_shift_prob": 0.1, "alt_shift": 6.0},
         "optim": {"grad_clip": 2.0},
         "eval": {"select_shift": 6.0},
+    },
+    "flux2": {
+        "model": {"guidance_scale": 3.0},
+        # alt_shift: FLUX.2's own shift of a 4-step sampler at 1024^2, exp(compute_empirical_mu(4096, 4))
+        "jumps": {"shift_range": [2.5, 4.5], "alt_shift_prob": 0.1, "alt_shift": 9.89},
+        "optim": {"grad_clip": 2.0},
+        "eval": {"select_shift": "dynamic"},
     },
     "qwen_image": {
         "model": {"guidance_scale": 3.0},

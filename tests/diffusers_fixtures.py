@@ -2,7 +2,8 @@
 
 Every builder runs under its own RNG fork, so it neither reads nor changes the global torch seed: the same
 ``seed`` always gives the same weights. Nothing is downloaded (tokenizers are word-level vocabularies built
-in memory). Families: ``"flux"``, ``"sd3"``, ``"lumina2"``, ``"qwen_image"``, ``"wan"`` (video: latents
+in memory). Families: ``"flux"``, ``"sd3"``, ``"lumina2"``, ``"flux2"`` (latents (B, 16, H, W): the 4-channel VAE
+latent patchified 2x2), ``"qwen_image"``, ``"wan"`` (video: latents
 (B, C, F, H, W) with ``LATENT_FRAMES`` frames, ``NUM_FRAMES`` video frames).
 
     transformer = tiny_transformer("flux")          # the denoiser alone
@@ -20,9 +21,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     Lumina2Pipeline,
@@ -45,19 +49,26 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5EncoderModel,
     UMT5Config,
     UMT5EncoderModel,
 )
 
-FAMILY_NAMES = ("flux", "sd3", "lumina2", "qwen_image", "wan")
+FAMILY_NAMES = ("flux", "sd3", "lumina2", "flux2", "qwen_image", "wan")
 WORDS = "a photo of cat dog red blue small large tree house in the on sky".split()
 TEXT_LENGTH = 8  # tokens per prompt of the CLIP/T5 encoders (CLIP max length, max_sequence_length)
 #: max_sequence_length to pass to each family's pipeline (Lumina 2 prepends a ~35-token system prompt)
-SEQUENCE_LENGTH = {"flux": TEXT_LENGTH, "sd3": TEXT_LENGTH, "lumina2": 48, "qwen_image": TEXT_LENGTH,
-                   "wan": TEXT_LENGTH}
-LATENT_CHANNELS = {"flux": 4, "sd3": 4, "lumina2": 4, "qwen_image": 4, "wan": 4}
+SEQUENCE_LENGTH = {"flux": TEXT_LENGTH, "sd3": TEXT_LENGTH, "lumina2": 48, "flux2": TEXT_LENGTH,
+                   "qwen_image": TEXT_LENGTH, "wan": TEXT_LENGTH}
+LATENT_CHANNELS = {"flux": 4, "sd3": 4, "lumina2": 4, "flux2": 16, "qwen_image": 4, "wan": 4}
+#: FLUX.2's chat template, reduced to what a word-level vocabulary can tokenise
+FLUX2_CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }} {{ message['content'] }} {% endfor %}"
+                       "{% if add_generation_prompt %}assistant{% endif %}")
+#: Flux2KleinPipeline reads hidden layers (9, 18, 27) of its text encoder
+FLUX2_TEXT_LAYERS = 27
 LATENT_SIZE = 8  # latent height = width
 NUM_FRAMES = 5  # Wan video frames of the tiny pipeline (4k + 1, as WanPipeline needs; temporal factor 2: 3 latent frames)
 LATENT_FRAMES = 3
@@ -91,6 +102,11 @@ def tiny_transformer(family: str, seed: int = 0, dtype: torch.dtype = torch.floa
             num_refiner_layers=1, num_attention_heads=3, num_kv_heads=1, multiple_of=16,
             axes_dim_rope=(4, 2, 2), axes_lens=(64, 16, 16), cap_feat_dim=32,
         ),
+        "flux2": lambda: Flux2Transformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+            guidance_embeds=False,
+        ),
         "qwen_image": lambda: QwenImageTransformer2DModel(
             patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=32, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
@@ -116,7 +132,8 @@ def tiny_latents(family: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
 def tiny_cond(family: str, batch: int = 2, seed: int = 0) -> dict:
     """Random cond for ``family``'s tiny transformer: its cache keys and widths (plus Flux's guidance)."""
     g = torch.Generator().manual_seed(seed)
-    cond = {"prompt_embeds": torch.randn(batch, 6, 32, generator=g)}
+    width = 24 if family == "flux2" else 32  # FLUX.2: three layers of an 8-wide Qwen3
+    cond = {"prompt_embeds": torch.randn(batch, 6, width, generator=g)}
     if family in ("flux", "sd3"):
         cond["pooled_prompt_embeds"] = torch.randn(batch, 32 if family == "flux" else 64, generator=g)
     if family in ("lumina2", "qwen_image"):
@@ -162,6 +179,20 @@ def _vae(latent_channels: int, shift_factor: float | None) -> AutoencoderKL:
     )
 
 
+def _flux2_vae() -> AutoencoderKLFlux2:
+    """2x downsampling, 4 latent channels, and batch-norm statistics far from (0, 1), so that the normalisation of
+    FLUX.2's latents is really exercised."""
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+        norm_num_groups=4, sample_size=32,
+    )
+    features = vae.bn.num_features
+    vae.bn.running_mean.copy_(0.3 * torch.randn(features))
+    vae.bn.running_var.copy_(0.5 + torch.rand(features))
+    return vae
+
+
 def _qwen_tokenizer() -> PreTrainedTokenizerFast:
     """Word level; the template's special tokens and newline are added tokens, so its prefix is 34 tokens."""
     vocab = {"<|endoftext|>": 0, "[UNK]": 1}
@@ -187,6 +218,10 @@ def tiny_scheduler(family: str):
     its dynamic shift with a terminal stretch; Wan: UniPC with flow shift 3)."""
     if family == "flux":
         return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    if family == "flux2":  # FLUX.2's scheduler config (its pipeline computes mu itself)
+        return FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+            max_image_seq_len=4096, time_shift_type="exponential")
     if family == "qwen_image":
         return FlowMatchEulerDiscreteScheduler(
             use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
@@ -225,6 +260,18 @@ def tiny_pipeline(family: str, transformer: torch.nn.Module | None = None, seed:
             transformer=transformer, scheduler=scheduler, vae=_build(seed + 1, lambda: _vae(4, 0.1)),
             text_encoder=_build(seed + 2, lambda: Gemma2Model(gemma)),
             tokenizer=tiny_tokenizer(SEQUENCE_LENGTH["lumina2"]),
+        )
+    if family == "flux2":
+        tokenizer = tiny_tokenizer(512)
+        tokenizer.chat_template = FLUX2_CHAT_TEMPLATE
+        qwen3 = Qwen3Config(
+            vocab_size=VOCAB_SIZE, hidden_size=8, intermediate_size=16, num_hidden_layers=FLUX2_TEXT_LAYERS,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=4, max_position_embeddings=64, pad_token_id=0,
+            bos_token_id=2, eos_token_id=3, tie_word_embeddings=True,
+        )
+        return Flux2KleinPipeline(
+            transformer=transformer, scheduler=scheduler, vae=_build(seed + 1, _flux2_vae), tokenizer=tokenizer,
+            text_encoder=_build(seed + 2, lambda: Qwen3ForCausalLM(qwen3)),
         )
     if family == "qwen_image":
         tokenizer = _qwen_tokenizer()

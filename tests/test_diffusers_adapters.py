@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from diffusers_fixtures import FAMILY_NAMES, tiny_cond, tiny_latents, tiny_pipeline, tiny_transformer
-from shortcutfm.models.diffusers import FAMILIES, FLUX, LUMINA2, QWEN_IMAGE, SD3, WAN, get_family, load_transformer
+from shortcutfm.models.diffusers import (
+    FAMILIES, FLUX, FLUX2, LUMINA2, QWEN_IMAGE, SD3, WAN, get_family, load_transformer, sampling_grid,
+)
+from shortcutfm.models.diffusers.families import flux2
 from shortcutfm.models.diffusers.families.flux import latent_image_ids, pack_latents, unpack_latents
 from shortcutfm.models.diffusers.families.qwen_image import token_norm_rescale
 
@@ -120,6 +123,35 @@ def test_qwen_image_guidance_keeps_each_tokens_conditional_norm():
     assert QWEN_IMAGE.guidance.rescale is token_norm_rescale and SD3.guidance.rescale is None
 
 
+def test_flux2_passes_sigma_row_major_tokens_and_four_axis_ids():
+    transformer = tiny_transformer("flux2")
+    record = Recorder(transformer)
+    sigma, latents = torch.tensor([0.8, 0.25]), torch.randn(2, 16, 3, 4)
+    with torch.no_grad():
+        v = FLUX2.velocity(transformer)(latents, sigma, **tiny_cond("flux2"))
+    kwargs = record.kwargs
+    assert torch.equal(kwargs["timestep"], sigma)  # Flux2KleinPipeline passes t / 1000
+    tokens = kwargs["hidden_states"]
+    assert tokens.shape == (2, 12, 16) and torch.equal(tokens[1, 1 * 4 + 2], latents[1, :, 1, 2])  # cell (1, 2)
+    assert kwargs["img_ids"][6].tolist() == [0, 1, 2, 0] and kwargs["txt_ids"][5].tolist() == [0, 0, 0, 5]
+    assert kwargs["guidance"] is None
+    assert torch.equal(v, record.output.transpose(1, 2).reshape(2, 16, 3, 4))  # no sign flip
+
+
+def test_flux2_dynamic_shift_is_its_pipelines_rule():
+    """The family's "dynamic" grid is FLUX.2's own: exp(mu(tokens, steps)), depending on the step count too, and
+    the training default's alternative shift is that rule's 4-step shift at 1024^2."""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    from shortcutfm.core.grids import sigma_grid
+
+    for steps, side in [(4, 64), (32, 64), (3, 32)]:
+        expected = sigma_grid(steps, mu=compute_empirical_mu(side * side, steps), dtype=torch.float64)
+        torch.testing.assert_close(sampling_grid(FLUX2, steps, side, side), expected)
+    assert not torch.allclose(sampling_grid(FLUX2, 4, 64, 64)[1], sampling_grid(FLUX2, 32, 64, 64)[8])
+    assert FLUX2.alt_shift == flux2.FEW_STEP_SHIFT  # family_defaults holds the number without diffusers
+
+
 def test_wan_takes_video_latents_and_timestep_times_1000():
     transformer = tiny_transformer("wan")
     record = Recorder(transformer)
@@ -134,18 +166,27 @@ def test_wan_takes_video_latents_and_timestep_times_1000():
         WAN.velocity(transformer)(latents[:, :, 0], sigma, **tiny_cond("wan"))
 
 
-@pytest.mark.parametrize("family", ["sd3", "qwen_image", "wan"])
+@pytest.mark.parametrize("family", ["sd3", "flux2", "qwen_image", "wan"])
 def test_latent_codec_normalises_as_the_pipeline_decodes(family):
     """codec.decode(codec.encode(x)) equals the VAE's own round trip, and decode inverts the normalisation the way
-    the pipeline does before its VAE (SD3: /scaling + shift; Qwen/Wan: * latents_std + latents_mean)."""
+    the pipeline does before its VAE (SD3: /scaling + shift; Qwen/Wan: * latents_std + latents_mean; FLUX.2:
+    patchify and batch-norm statistics)."""
     pipe = tiny_pipeline(family)
     codec, vae = get_family(family).latents, pipe.vae
     pixels = torch.rand(2, 3, 16, 16) * 2 - 1
     latents = codec.encode(vae, pixels)
-    expected_shape = (2, 4, 1, 8, 8) if family == "wan" else (2, 4, 8, 8)
+    expected_shape = {"wan": (2, 4, 1, 8, 8), "flux2": (2, 16, 4, 4)}.get(family, (2, 4, 8, 8))
     assert latents.shape == expected_shape
     with torch.no_grad():
-        if family == "sd3":
+        if family == "flux2":
+            raw = vae.encode(pixels).latent_dist.mode()
+            patches = torch.cat([raw[:, c:c + 1, dy::2, dx::2] for c in range(4) for dy in (0, 1) for dx in (0, 1)], 1)
+            std = (vae.bn.running_var + vae.config.batch_norm_eps).sqrt().view(1, -1, 1, 1)
+            assert vae.bn.running_mean.abs().max() > 0.1  # the normalisation is really exercised
+            torch.testing.assert_close(latents, (patches - vae.bn.running_mean.view(1, -1, 1, 1)) / std)
+            torch.testing.assert_close(codec.from_pipeline(vae, raw), latents)  # the pipeline's latent output
+            round_trip = vae.decode(raw).sample
+        elif family == "sd3":
             raw = vae.encode(pixels).latent_dist.mean
             torch.testing.assert_close(latents, (raw - vae.config.shift_factor) * vae.config.scaling_factor)
             round_trip = vae.decode(raw).sample
@@ -158,7 +199,7 @@ def test_latent_codec_normalises_as_the_pipeline_decodes(family):
             round_trip = vae.decode(raw).sample[:, :, 0]
     torch.testing.assert_close(codec.decode(vae, latents), round_trip, atol=1e-5, rtol=1e-5)
     assert codec.latent_shape(pipe, 16, 16) == expected_shape[1:]
-    size = codec.pipeline_size(pipe, (4, 3, 8, 8) if family == "wan" else (4, 8, 8))
+    size = codec.pipeline_size(pipe, (4, 3, 8, 8) if family == "wan" else expected_shape[1:])
     assert size == ({"height": 16, "width": 16, "num_frames": 5} if family == "wan" else {"height": 16, "width": 16})
 
 
@@ -184,7 +225,7 @@ def test_input_errors_name_the_fix():
 
 
 def test_registry_and_load_transformer(tmp_path):
-    assert set(FAMILIES) == {"flux", "sd3", "lumina2", "qwen_image", "wan"}
+    assert set(FAMILIES) == {"flux", "sd3", "lumina2", "flux2", "qwen_image", "wan"}
     with pytest.raises(ValueError, match="choose one of"):
         get_family("sdxl")
     tiny_transformer("sd3").save_pretrained(tmp_path / "transformer")

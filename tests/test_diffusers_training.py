@@ -113,7 +113,7 @@ class GuidanceSpy:
 @pytest.mark.parametrize(
     "family, checkpointing, extra",
     [("flux", False, []), ("sd3", True, ["model.guidance_scale=2.0"]), ("lumina2", True, []),
-     ("qwen_image", False, []), ("wan", True, [])],
+     ("flux2", False, []), ("qwen_image", False, []), ("wan", True, [])],
 )
 def test_family_preset_distils_and_pipeline_matches_library(family, checkpointing, extra, tmp_path, monkeypatch):
     pipe_dir = save_tiny_pipeline(family, tmp_path / "pipe")

@@ -1,4 +1,5 @@
-"""prepare_from_folder with tiny Flux / SD3 / Lumina 2 / Qwen-Image / Wan pipelines built from config (offline)."""
+"""prepare_from_folder with tiny Flux / SD3 / Lumina 2 / FLUX.2 / Qwen-Image / Wan pipelines built from config
+(offline)."""
 
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ from shortcutfm.preparation import (
 )
 
 SIZE = 16  # pixels; a multiple of every tiny pipeline's pixel multiple (Flux 4, SD3 4, Lumina 2 16)
-FAMILIES = ["flux", "sd3", "lumina2", "qwen_image", "wan"]
+FAMILIES = ["flux", "sd3", "lumina2", "flux2", "qwen_image", "wan"]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,8 @@ def reference_text(pipe, family, prompt):
         mask = torch.ones(1, tokens, dtype=torch.long) if mask is None else mask
         return {"prompt_embeds": torch.cat([embeds, embeds.new_zeros(1, TEXT_LENGTH - tokens, embeds.shape[2])], 1),
                 "prompt_embeds_mask": torch.cat([mask, mask.new_zeros(1, TEXT_LENGTH - tokens)], 1)}
+    if family == "flux2":  # padded by the pipeline itself
+        return {"prompt_embeds": pipe.encode_prompt(prompt, max_sequence_length=TEXT_LENGTH)[0]}
     if family == "wan":  # padded by the pipeline itself
         embeds, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=TEXT_LENGTH)
         return {"prompt_embeds": embeds}
@@ -80,17 +83,23 @@ def test_folder_to_cache_then_rerun_skips_all(pipes, family, tmp_path):
     assert len(cache) == 10 and len(set(cache.keys)) == 10
     batch = cache.get(torch.arange(10))
     text_keys = {"flux": {"pooled_prompt_embeds"}, "sd3": {"pooled_prompt_embeds"},
-                 "lumina2": {"prompt_attention_mask"}, "qwen_image": {"prompt_embeds_mask"}, "wan": set()}
+                 "lumina2": {"prompt_attention_mask"}, "flux2": set(), "qwen_image": {"prompt_embeds_mask"}, "wan": set()}
     assert set(batch) == {"latents", "prompt_embeds", *text_keys[family]}
     frames = (1,) if family == "wan" else ()  # an image is a one-frame video
-    assert batch["latents"].shape == (10, 4, *frames, SIZE // 2, SIZE // 2)  # tiny VAEs downsample by 2
+    # tiny VAEs downsample by 2; FLUX.2 then patchifies 2x2 into channels
+    shape = (16, SIZE // 4, SIZE // 4) if family == "flux2" else (4, *frames, SIZE // 2, SIZE // 2)
+    assert batch["latents"].shape == (10, *shape)
     assert batch["prompt_embeds"].shape[:2] == (10, cache.uncond["prompt_embeds"].shape[1])
 
     # Latents, computed here without the image processor: (vae latent mean - shift_factor) * scaling_factor, or
     # for the 3-D VAEs (mean of the one-frame video - latents_mean) / latents_std.
     exact = cache.records.index(next(r for r in cache.records if r.source == "img00.png"))
     pixels = torch.from_numpy(np.array(Image.open(tmp_path / "images/img00.png"))).permute(2, 0, 1)[None] / 127.5 - 1
-    if family in ("qwen_image", "wan"):
+    if family == "flux2":  # 2x2 patches of the latent's mode, normalised by the VAE's batch-norm statistics
+        raw = pipe._patchify_latents(pipe.vae.encode(pixels).latent_dist.mode())
+        bn = pipe.vae.bn
+        expected = (raw - bn.running_mean.view(1, -1, 1, 1)) / (bn.running_var + pipe.vae.config.batch_norm_eps).sqrt().view(1, -1, 1, 1)
+    elif family in ("qwen_image", "wan"):
         mean = pipe.vae.encode(pixels.unsqueeze(2)).latent_dist.mean
         stats = [torch.tensor(pipe.vae.config[k]).view(1, -1, 1, 1, 1) for k in ("latents_mean", "latents_std")]
         expected = ((mean - stats[0]) / stats[1]).reshape(1, *batch["latents"].shape[1:])

@@ -1,5 +1,5 @@
-"""prepare_from_prompts: teacher-made data with tiny Flux / SD3 / Lumina 2 / Qwen-Image / Wan pipelines built from
-config."""
+"""prepare_from_prompts: teacher-made data with tiny Flux / SD3 / Lumina 2 / FLUX.2 / Qwen-Image / Wan pipelines
+built from config."""
 
 import os
 
@@ -17,9 +17,10 @@ from shortcutfm.preparation import (
     prompt_seed,
 )
 
-FAMILIES = ["flux", "sd3", "lumina2", "qwen_image", "wan"]
+FAMILIES = ["flux", "sd3", "lumina2", "flux2", "qwen_image", "wan"]
 # Pixels giving the tiny transformers' 8x8 latents (Lumina2Pipeline assumes an 8x VAE whatever the VAE is).
-TEACHER_SIZE = {"flux": 16, "sd3": 16, "lumina2": 64, "qwen_image": 16, "wan": 16}
+TEACHER_SIZE = {"flux": 16, "sd3": 16, "lumina2": 64, "flux2": 32, "qwen_image": 16, "wan": 16}
+CHANNELS = {"flux2": 16}  # FLUX.2: the 4-channel VAE latent patchified 2x2
 #: what a user passes as pipeline_kwargs (the video length of Wan's teacher samples)
 EXTRA = {"wan": {"num_frames": NUM_FRAMES}}
 PROMPTS = ["a photo of a cat", "a red house", "a dog in the sky"]
@@ -42,13 +43,17 @@ def pipeline_latents(pipe, family, prompt, seed):
     guide it (Qwen-Image's true CFG needs a negative prompt)."""
     size = TEACHER_SIZE[family]
     guidance = {"true_cfg_scale": 4.0, "negative_prompt": ""} if family == "qwen_image" else {}
-    output = pipe(prompt, height=size, width=size, num_inference_steps=2, output_type="latent",
+    output = pipe(prompt=prompt, height=size, width=size, num_inference_steps=2, output_type="latent",
                   generator=torch.Generator("cpu").manual_seed(seed), max_sequence_length=TEXT_LENGTH,
                   return_dict=False, **guidance, **EXTRA.get(family, {}))[0]
     if family == "flux":  # packed (B, tokens, C*4); the pipeline's own unpacking is the oracle here
         output = pipe._unpack_latents(output, size, size, pipe.vae_scale_factor)
     if family == "qwen_image":  # packed too; its unpacking gives (B, C, 1, H, W)
         output = pipe._unpack_latents(output, size, size, pipe.vae_scale_factor)[:, :, 0]
+    if family == "flux2":  # the raw VAE latent: the space it denoised in is its 2x2 patches, batch-normalised
+        bn = pipe.vae.bn
+        std = (bn.running_var + pipe.vae.config.batch_norm_eps).sqrt().view(1, -1, 1, 1)
+        output = (pipe._patchify_latents(output) - bn.running_mean.view(1, -1, 1, 1)) / std
     return output[0]
 
 
@@ -65,7 +70,7 @@ def test_teacher_latents_equal_the_pipeline_output(pipes, family, tmp_path):
     assert sorted(record.caption for record in cache.records) == sorted(PROMPTS)
     batch = cache.get(torch.arange(3))
     frames = (LATENT_FRAMES,) if family == "wan" else ()
-    assert batch["latents"].shape == (3, 4, *frames, LATENT_SIZE, LATENT_SIZE)
+    assert batch["latents"].shape == (3, CHANNELS.get(family, 4), *frames, LATENT_SIZE, LATENT_SIZE)
     for row, record in enumerate(cache.records):
         assert record.seed == prompt_seed(0, record.caption) and record.source == "teacher"
         expected = pipeline_latents(pipe, family, record.caption, record.seed)

@@ -80,4 +80,4 @@ def teacher_latents_to_vae_layout(pipe, latents: Tensor, height: int, width: int
     """What ``pipe(..., height=, width=, output_type="latent")`` returned -> ``(B, C, H, W)`` (already scaled)."""
     family = pipeline_family(pipe)
     factor = family.latents.pixels_per_latent(pipe)
-    return family.from_pipeline_latents(latents, height // factor, width // factor)
+    return family.latents.from_pipeline(pipe.vae, family.from_pipeline_latents(latents, height // factor, width // factor))

@@ -8,11 +8,13 @@ from .export import EMA_WEIGHTS, STUDENT_WEIGHTS, export_lora, save_adapter
 from .families import (
     FAMILIES,
     FLUX,
+    FLUX2,
     LUMINA2,
     QWEN_IMAGE,
     SD3,
     WAN,
     DiffusersVelocity,
+    Flux2Velocity,
     FluxVelocity,
     Lumina2Velocity,
     ModelFamily,
@@ -31,7 +33,8 @@ from .lora_student import FAST_EMA, SLOW_EMA, STUDENT, LoraSettings, LoraStudent
 __all__ = [
     "adapter_tensors", "tuner_layers", "use_adapter",
     "EMA_WEIGHTS", "STUDENT_WEIGHTS", "export_lora", "save_adapter",
-    "FAMILIES", "FLUX", "LUMINA2", "QWEN_IMAGE", "SD3", "WAN", "DiffusersVelocity", "FluxVelocity",
+    "FAMILIES", "FLUX", "FLUX2", "LUMINA2", "QWEN_IMAGE", "SD3", "WAN", "DiffusersVelocity", "Flux2Velocity",
+    "FluxVelocity",
     "Lumina2Velocity", "ModelFamily", "PromptEncoding", "QwenImageVelocity", "SD3Velocity", "WanVelocity",
     "family_of_pipeline", "get_family", "load_transformer",
     "EmbeddedGuidance", "RealGuidance",

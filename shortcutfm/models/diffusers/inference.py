@@ -31,7 +31,8 @@ def sampling_grid(
     """The (num_steps + 1,) sigma grid; ``shift`` is a number, ``"dynamic"`` or None (the family default)."""
     shift = family.sampling_shift if shift is None else shift
     if shift == "dynamic":
-        mu = dynamic_shift_mu(family.num_image_tokens(latent_height, latent_width))
+        tokens = family.num_image_tokens(latent_height, latent_width)
+        mu = dynamic_shift_mu(tokens) if family.dynamic_mu is None else family.dynamic_mu(tokens, num_steps)
         return sigma_grid(num_steps, mu=mu, dtype=torch.float64)
     if isinstance(shift, str):
         raise ValueError(f'shift must be a number or "dynamic", got {shift!r}')
@@ -92,7 +93,8 @@ def sample_with_pipeline(
         latent_height, latent_width = height // factor, width // factor
 
     grid = sampling_grid(family, num_steps, latent_height, latent_width, shift)
-    name = family.velocity_class.attention_kwargs_name
+    velocity_class = family.velocity_class
+    name = velocity_class.pipeline_attention_kwargs_name or velocity_class.attention_kwargs_name
     attention_kwargs = dict(pipeline_kwargs.pop(name, None) or {})
     if lora_scale != 1.0:
         attention_kwargs["scale"] = float(lora_scale)
@@ -115,5 +117,5 @@ def sample_with_pipeline(
     finally:
         pipe.scheduler = original_scheduler
     if output_type == "latent":
-        return family.from_pipeline_latents(result, latent_height, latent_width)
+        return family.latents.from_pipeline(pipe.vae, family.from_pipeline_latents(result, latent_height, latent_width))
     return result

@@ -43,6 +43,10 @@ class ScaledVAE:
         factor = self.pixels_per_latent(pipe)
         return {"height": int(latent_shape[-2]) * factor, "width": int(latent_shape[-1]) * factor}
 
+    def from_pipeline(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's ``output_type="latent"`` result, unpacked, -> the contract's layout (here: the same)."""
+        return latents
+
     @torch.no_grad()
     def encode(self, vae, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels in [-1, 1] -> latents, from the mean of the latent distribution (no sampling noise)."""

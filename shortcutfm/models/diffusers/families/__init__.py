@@ -6,12 +6,13 @@ import torch
 
 from .base import DiffusersVelocity, ModelFamily, PromptEncoding
 from .flux import FLUX, FluxVelocity
+from .flux2 import FLUX2, Flux2Velocity
 from .lumina2 import LUMINA2, Lumina2Velocity
 from .qwen_image import QWEN_IMAGE, QwenImageVelocity
 from .sd3 import SD3, SD3Velocity
 from .wan import WAN, WanVelocity
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, LUMINA2, QWEN_IMAGE, WAN)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (FLUX, SD3, LUMINA2, FLUX2, QWEN_IMAGE, WAN)}
 
 
 def get_family(family: str | ModelFamily) -> ModelFamily:
@@ -51,7 +52,7 @@ def load_transformer(
 
 
 __all__ = [
-    "FAMILIES", "FLUX", "SD3", "LUMINA2", "QWEN_IMAGE", "WAN", "DiffusersVelocity", "FluxVelocity", "SD3Velocity",
-    "Lumina2Velocity", "QwenImageVelocity", "WanVelocity",
+    "FAMILIES", "FLUX", "SD3", "LUMINA2", "FLUX2", "QWEN_IMAGE", "WAN", "DiffusersVelocity", "FluxVelocity",
+    "SD3Velocity", "Lumina2Velocity", "Flux2Velocity", "QwenImageVelocity", "WanVelocity",
     "ModelFamily", "PromptEncoding", "family_of_pipeline", "get_family", "load_transformer",
 ]

@@ -46,6 +46,8 @@ class DiffusersVelocity(nn.Module):
 
     #: name of the transformer's keyword argument that carries ``{"scale": lora_scale}``
     attention_kwargs_name: ClassVar[str] = "joint_attention_kwargs"
+    #: the pipeline's name for it, where it differs (FLUX.2: ``attention_kwargs``)
+    pipeline_attention_kwargs_name: ClassVar[str | None] = None
 
     def __init__(self, transformer: nn.Module, lora_scale: float = 1.0):
         super().__init__()
@@ -126,6 +128,8 @@ class ModelFamily:
     """The latent codec: pixels <-> the contract's latents, sizes (:mod:`..latent_codecs`)."""
     token_patch: int = 2
     """Latent cells per image token along each side (2: 2x2 patches; 1: the latents are already patchified)."""
+    dynamic_mu: Callable[[int, int], float] | None = None
+    """``(image tokens, steps) -> mu`` of the ``"dynamic"`` shift ``exp(mu)``; None: FLUX.1's rule (tokens only)."""
 
     def velocity(self, transformer: nn.Module, lora_scale: float = 1.0) -> DiffusersVelocity:
         """Wrap ``transformer`` in this family's velocity adapter."""
