@@ -76,6 +76,25 @@ def test_validation_grids_and_selection_on_validation_prompts(tmp_path):
     assert (grid.images[:, 0] - grid.images[:, -1]).abs().max() > 1e-3  # 1 student step differs from the teacher
 
 
+@pytest.mark.parametrize("family", ["flux2", "qwen_image", "wan"])
+def test_validation_grids_of_the_newer_families(family, tmp_path):
+    """Validation prompts encode and their latents decode through each family's own codec (FLUX.2's patchified
+    latents, Qwen-Image's and Wan's 3-D VAEs; Wan decodes the first frame of its one-frame videos)."""
+    pipe_dir = prepared(tmp_path, family)
+    config = load_config(resolve_config_path(family), overrides(
+        tmp_path, pipe_dir, f"validation.prompts={PROMPTS[:2]}", "validation.steps=[1,2]", "train.steps=2",
+        "train.keep_checkpoints=2"))
+    result = run_training(config, progress=False)
+    assert sorted(p.name for p in (result.run_dir / "validation").glob("*.png")) == ["step-000002.png"]
+    cache = LatentCache(tmp_path / "cache")
+    student = LoraStudent.from_pretrained(family, str(pipe_dir), lora=config.lora, schedule=config.ema,
+                                          dtype=torch.float32, uncond=cache.uncond,
+                                          guidance_scale=config.model.guidance_scale, gradient_checkpointing=False)
+    grid = lora_validation(config, student, cache).grid(student.velocity())
+    assert grid.images.shape[:3] == (2, 3, 3) and grid.images.shape[-2:] == (16, 16)
+    assert torch.isfinite(grid.images.float()).all() and grid.images.float().std() > 0
+
+
 def test_without_validation_prompts_the_cached_prompts_select_and_no_grid_is_drawn(tmp_path):
     pipe_dir = prepared(tmp_path)
     config = load_config(resolve_config_path("sd3"), overrides(tmp_path, pipe_dir, "eval.num_samples=3"))

@@ -169,6 +169,8 @@ def _sample(pipe, settings: LoraEvalSettings, noise: torch.Tensor, steps: int,
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - began
+        if out.ndim == 5:  # a video model's (B, F, 3, H, W): each video is scored by its first frame
+            out = out[:, 0]
         images.append(out.float().cpu())
     return torch.cat(images).clamp(0, 1), seconds / len(settings.prompts)
 
