@@ -41,7 +41,7 @@ class CacheError(ValueError):
 class CacheLayout:
     """What every record of one cache shares; appending with a different layout is refused."""
 
-    family: str  # model family (flux, sd3, lumina2)
+    family: str  # model family (a name of shortcutfm.models.diffusers.FAMILIES: flux, sd3, wan, ...)
     model_id: str  # hub id or local path of the pipeline that encoded the data
     height: int  # image height in pixels
     width: int  # image width in pixels

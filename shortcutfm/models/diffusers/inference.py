@@ -64,7 +64,7 @@ def sample_with_pipeline(
     output_type: str = "latent",
     **pipeline_kwargs,
 ):
-    """Sample ``num_steps`` Euler steps on the shifted grid with ``pipe`` (Flux, SD3 or Lumina 2 pipeline).
+    """Sample ``num_steps`` Euler steps on the shifted grid with ``pipe`` (a pipeline of a supported family).
 
     Args:
         pipe: a pipeline of a supported family, with the SCFM LoRA loaded (``pipe.load_lora_weights``).
@@ -74,7 +74,7 @@ def sample_with_pipeline(
         lora_scale: multiplies the active LoRA adapters for this call only (1 to 1.75 suits few steps).
         guidance: Flux: the embedded guidance value (default 3.5); CFG families: ``w`` of
             ``v_cond + w (v_cond - v_uncond)`` (default the family's; the pipeline gets ``w + 1``).
-        latents: optional (B, C, H, W) starting noise in the VAE-latent layout (packed here for Flux).
+        latents: optional starting noise in the contract's latent layout ((B, C, H, W); Wan (B, C, F, H, W)).
         height, width: image size in pixels; derived from ``latents`` when given.
         output_type: "latent" returns (B, C, H, W) latents; any other value is passed to the pipeline and
             its ``images`` are returned.
