@@ -120,3 +120,24 @@ def test_argument_errors(pipes, tmp_path):
     with pytest.raises(ValueError, match="JSON-able"):
         prepare(pipes["flux"], "flux", tmp_path / "prompts.txt", tmp_path / "cache",
                 pipeline_kwargs={"sigmas": torch.ones(2)})
+
+
+def test_cli_prepares_teacher_videos_at_the_requested_frame_count(tmp_path):
+    """`shortcutfm prepare --prompts P --num-frames N` on a (tiny) Wan pipeline: latents of N video frames;
+    a frame count that is not 4k + 1 is a one-line error naming the flag."""
+    from typer.testing import CliRunner
+
+    from diffusers_fixtures import tiny_pipeline
+    from shortcutfm.cli import app
+
+    tiny_pipeline("wan").save_pretrained(tmp_path / "pipe")
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    args = ["prepare", "--pipeline", str(tmp_path / "pipe"), "--prompts", str(tmp_path / "prompts.txt"),
+            "--out", str(tmp_path / "cache"), "--steps", "2", "--height", "16", "--width", "16",
+            "--max-sequence-length", str(TEXT_LENGTH)]
+    bad = CliRunner().invoke(app, [*args, "--num-frames", "4"])
+    assert bad.exit_code != 0 and "--num-frames 4" in bad.output and "4k + 1" in bad.output
+    result = CliRunner().invoke(app, [*args, "--num-frames", str(NUM_FRAMES)])
+    assert result.exit_code == 0, result.output
+    latents = LatentCache(tmp_path / "cache").get(torch.arange(2))["latents"]
+    assert latents.shape == (2, 4, LATENT_FRAMES, LATENT_SIZE, LATENT_SIZE)
