@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .atomic import write_text_atomic
+from .core.calibration import DEFAULT_SCALES
 from .core.ema import EMASchedule
 from .core.jumps import JumpSampling
 from .family_defaults import DIFFUSERS_KINDS, FAMILY_DEFAULTS, family_defaults
@@ -233,6 +234,28 @@ class ValidationConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    steps: tuple[int, ...] = (1, 2, 3, 4, 8, 16, 32)
+    """Distillation of a built-in network: after training, each of these step counts gets the scale ``a`` (weights
+    ``teacher + a (student - teacher)``) whose Euler samples are closest to the teacher's 32-step samples from the
+    same noise; ``shortcutfm sample`` and the step sweep then sample each step count at its scale (others at the
+    nearest calibrated count's). Stored beside the model (calibration.json). Empty: no calibration."""
+    scales: tuple[float, ...] = DEFAULT_SCALES
+    """The scales tried for every step count (1 = the student as trained, 0 = the teacher)."""
+    num_samples: int = 2048
+    """Noise samples (and training labels) the calibration compares on; drawn with eval.seed."""
+
+    def __post_init__(self) -> None:
+        self.steps, self.scales = tuple(self.steps), tuple(float(a) for a in self.scales)
+        if any(n < 1 for n in self.steps):
+            raise ConfigError(f"calibration.steps must be step counts >= 1, got {self.steps}")
+        if self.steps and not self.scales:
+            raise ConfigError("calibration.scales must hold at least one scale, e.g. [0.5, 1.0, 1.5]")
+        if self.num_samples < 1:
+            raise ConfigError(f"calibration.num_samples must be >= 1, got {self.num_samples}")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -243,6 +266,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
 # ---------------------------------------------------------------- strict loading
@@ -400,7 +424,10 @@ def check_sections(config: Config) -> None:
     kind, mode = config.model.kind, config.train.mode
     where = f"model.kind={kind}" + (f", train.mode={mode}" if mode == "pretrain" else "")
     unused: list[str] = []
+    calibration = [f"calibration.{f.name}" for f in dataclasses.fields(config.calibration)
+                   if _changed(config.calibration, f.name)]
     if kind in DIFFUSERS_KINDS:
+        unused += [f"{name} (calibration is for built-in networks)" for name in calibration]
         unused += [f"model.{n}" for n in ("width", "depth", "channels", "blocks") if _changed(config.model, n)]
         unused += [f"data.{n}" for n in ("holdout_fraction", "num_toy_samples", "split_seed") if _changed(config.data, n)]
         if config.train.teacher:
@@ -440,6 +467,9 @@ def check_sections(config: Config) -> None:
             unused.append("train.teacher (train.mode=pretrain trains from scratch)")
         if mode == "pretrain" and config.model.fold_guidance:
             unused.append("model.fold_guidance (it distils a guided teacher)")
+        if mode == "pretrain" or config.model.fold_guidance:  # folded: no common line of teacher and student
+            unused += [f"{name} (calibration is for distilled students without folded guidance)"
+                       for name in calibration]
         if config.train.shard:
             unused.append("train.shard (sharding is for diffusers LoRA runs)")
     if unused:

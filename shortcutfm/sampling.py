@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .core.calibration import for_steps
 from .core.grids import sigma_grid
 from .core.samplers import euler_sample
 from .data import Normalization
@@ -29,7 +30,7 @@ def sample_builtin(
         if label is not None and not 0 <= label < info.num_classes:
             raise ValueError(f"--label must be in [0, {info.num_classes - 1}], got {label}")
         cond["y"] = torch.full((num,), label) if label is not None else torch.arange(num) % info.num_classes
-    velocity = deployed_velocity(loaded)
+    velocity = for_steps(deployed_velocity(loaded), steps)  # a calibrated student: this step count's scale
     x = euler_sample(velocity, noise, sigma_grid(steps, shift), **cond).x
     x = Normalization.from_dict(info.data.normalization).to_data_space(x)
     out = Path(out)

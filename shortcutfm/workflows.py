@@ -14,7 +14,7 @@ from .evaluation.judge import Judge, SampleSet
 from .evaluation.report import markdown_table, plot_metric_vs_steps, plot_samples, write_metrics
 from .evaluation.sweep import MetricRow, floor_rows, step_sweep
 from .models.builtin import load_model
-from .training.builtin import builtin_setup, deployed_velocity, load_split
+from .training.builtin import builtin_setup, calibrate_model, deployed_velocity, load_split
 from .training.trainer import TrainResult, train
 
 
@@ -58,7 +58,12 @@ def run_training(config: Config, *, resume: bool = False, overwrite: bool = Fals
     judge = None
     if config.train.mode == "distill" and config.eval.every:
         judge = Judge.for_data(split.train, split.holdout, cache_dir() / "classifiers", seed=config.eval.seed)
-    return train(config, builtin_setup(config, split, judge), resume=resume, overwrite=overwrite, progress=progress)
+    result = train(config, builtin_setup(config, split, judge), resume=resume, overwrite=overwrite, progress=progress)
+    calibration = calibrate_model(config, result.model_dir)
+    if calibration is not None and progress:
+        scales = ", ".join(f"{n}: {a:g}" for n, a in calibration.scales.items())
+        print(f"calibrated scales per step count ({{steps: scale}}, 1 = as trained): {{{scales}}}")
+    return result
 
 
 @dataclass
@@ -87,7 +92,10 @@ def evaluate_models(
     samples = SampleSet.draw(split.holdout, config.eval.sweep_samples, config.eval.seed)
     models = {"teacher": (deployed_velocity(load_model(teacher_dir)), ("euler", "heun"))}
     if student_dir is not None:
-        models["student"] = (deployed_velocity(load_model(student_dir)), ("euler",))
+        student = load_model(student_dir)
+        models["student"] = (deployed_velocity(student), ("euler",))
+        if student.calibration is not None:  # the same student sampled as trained (scale 1), for comparison
+            models["student-uncalibrated"] = (models["student"][0].plain, ("euler",))
     steps, shifts = config.eval.sweep_steps, config.eval.sweep_shifts
     first_shift = shifts[0]
     keep = {("teacher", "euler", max(steps), first_shift), ("teacher", "euler", 3, first_shift)}

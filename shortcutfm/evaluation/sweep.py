@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..core.calibration import for_steps
 from ..core.grids import sigma_grid
 from ..core.velocity import VelocityModel
 from .judge import Judge, SampleSet, generate
@@ -56,7 +57,7 @@ def step_sweep(
     kept: dict = {}
     jobs = [(name, method, n, s) for name, (_, methods) in models.items() for method in methods for n in steps for s in shifts]
     for name, method, num_steps, shift in tqdm(jobs, desc="step sweep", disable=not progress, dynamic_ncols=True):
-        velocity = models[name][0]
+        velocity = for_steps(models[name][0], num_steps)  # a calibrated student: this step count's scale
         x, nfe = generate(velocity, samples, sigma_grid(num_steps, shift), method)
         for metric, value in judge.score(x, samples.labels).items():
             rows.append(MetricRow(name, method, num_steps, nfe, shift, metric, value))

@@ -10,13 +10,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_text_atomic
 from ..config import ModelConfig, from_dict
+from ..core.calibration import StepCalibration
 from .convnet import VelocityConvNet
 from .mlp import VelocityMLP
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_INFO = "model.json"
+#: a calibrated student's scales per step count, and the teacher weights its interpolation starts from
+CALIBRATION = "calibration.json"
+TEACHER_WEIGHTS = "teacher.safetensors"
 AUTO_MLP_MAX_VALUES = 1024
 
 
@@ -77,6 +81,17 @@ def save_model(directory: Path, state: dict[str, torch.Tensor], info: ModelInfo)
 class LoadedModel:
     module: nn.Module
     info: ModelInfo
+    calibration: StepCalibration | None = None  # a calibrated student's scales (with teacher_state)
+    teacher_state: dict[str, torch.Tensor] | None = None
+
+
+def save_calibration(directory: Path, calibration: StepCalibration, teacher_state: dict[str, torch.Tensor]) -> None:
+    """Write the calibration and the teacher's weights beside a saved model (the teacher first: a model directory
+    with calibration.json always has its teacher)."""
+    directory = Path(directory)
+    with atomic_path(directory / TEACHER_WEIGHTS, what="teacher weights") as tmp:
+        save_file({k: v.detach().contiguous().cpu().float() for k, v in teacher_state.items()}, str(tmp))
+    write_text_atomic(directory / CALIBRATION, json.dumps(calibration.to_dict(), indent=2) + "\n", what="calibration")
 
 
 def load_model(directory: str | Path) -> LoadedModel:
@@ -96,4 +111,15 @@ def load_model(directory: str | Path) -> LoadedModel:
         raise ValueError(f"{info_path} is malformed ({exc}); re-export the model") from None
     module = build_model(info.model_config, tuple(info.sample_shape), info.num_classes)
     module.load_state_dict(load_file(str(weights_path)))
-    return LoadedModel(module=module.eval(), info=info)
+    calibration = teacher_state = None
+    if (directory / CALIBRATION).is_file():
+        try:
+            calibration = StepCalibration.from_dict(json.loads((directory / CALIBRATION).read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{directory / CALIBRATION} is malformed ({exc}); delete it to sample the student as "
+                             "trained, or re-run the calibration") from None
+        if not (directory / TEACHER_WEIGHTS).is_file():
+            raise FileNotFoundError(f"{directory / CALIBRATION} needs {TEACHER_WEIGHTS} beside it; delete "
+                                    f"{CALIBRATION} to sample the student as trained")
+        teacher_state = load_file(str(directory / TEACHER_WEIGHTS))
+    return LoadedModel(module=module.eval(), info=info, calibration=calibration, teacher_state=teacher_state)

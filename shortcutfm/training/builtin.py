@@ -11,7 +11,8 @@ from ..core.grids import sigma_grid
 from ..core.guidance import ClassifierFreeGuidance, null_label_uncond
 from ..data import ArrayDataset, DataSplit, load_dataset
 from ..evaluation.judge import Judge, SampleSet, generate
-from ..models.builtin import DataInfo, LoadedModel, ModelInfo, build_model, load_model, save_model
+from ..core.calibration import CalibratedVelocity, StepCalibration, WeightInterpolation, calibrate
+from ..models.builtin import DataInfo, LoadedModel, ModelInfo, build_model, load_model, save_calibration, save_model
 from ..models.student import FullStudent, no_wrap
 from .setup import Evaluation, TrainingSetup
 
@@ -38,11 +39,37 @@ def guidance_wrap(num_classes: int, scale: float | None):
 
 
 def deployed_velocity(loaded: LoadedModel):
-    """A saved built-in model as it samples: with the guidance scale it was trained with."""
+    """A saved built-in model as it samples: with the guidance scale it was trained with, and, for a calibrated
+    student, a :class:`~shortcutfm.core.calibration.CalibratedVelocity` (``for_steps(n)`` samples n steps at
+    n's scale)."""
     model = loaded.info.model_config
     if model.fold_guidance:  # the guidance is in its weights: one plain pass
         return loaded.module
-    return guidance_wrap(loaded.info.num_classes, model.guidance_scale)(loaded.module)
+    guide = guidance_wrap(loaded.info.num_classes, model.guidance_scale)
+    if loaded.calibration is not None:
+        interpolation = WeightInterpolation(loaded.module, loaded.teacher_state)
+        return CalibratedVelocity(interpolation.at, loaded.calibration, guide)
+    return guide(loaded.module)
+
+
+def calibrate_model(config: Config, model_dir: Path) -> StepCalibration | None:
+    """Calibrate the distilled student in ``model_dir`` against its teacher (``train.teacher``) per
+    ``calibration.steps`` at ``eval.select_shift`` and store the result beside it; None when the config asks for
+    none (``calibration.steps: []``, folded guidance, or pretraining)."""
+    settings = config.calibration
+    if config.train.mode != "distill" or not settings.steps or config.model.fold_guidance:
+        return None
+    student, teacher = load_model(model_dir), load_model(config.train.teacher)
+    info = student.info
+    guide = guidance_wrap(info.num_classes, info.model_config.guidance_scale)
+    interpolation = WeightInterpolation(student.module, teacher.module.state_dict())
+    generator = torch.Generator().manual_seed(config.eval.seed)
+    noise = torch.randn((settings.num_samples, *info.sample_shape), generator=generator)
+    cond = {"y": torch.arange(settings.num_samples) % info.num_classes} if info.num_classes else {}
+    calibration = calibrate(lambda a: guide(interpolation.at(a)), guide(teacher.module), noise, settings.steps,
+                            scales=settings.scales, shift=float(config.eval.select_shift), **cond)
+    save_calibration(model_dir, calibration, teacher.module.state_dict())
+    return calibration
 
 
 def label_dropout(num_classes: int, probability: float):

@@ -1,0 +1,160 @@
+"""Step-count calibration: one scale per sampling step count between the teacher and the student.
+
+An SCFM student has no step-size input, so one network serves every jump size; trained mostly on the large jumps of
+few-step samplers, it drifts from the teacher's instantaneous velocity that many small steps need (docs/method.md,
+"Step-count calibration"). A scale ``a`` per step count N moves the deployed model along the line between them:
+
+* full-parameter students: weights ``teacher + a * (student - teacher)`` (:class:`WeightInterpolation`);
+* LoRA students: the LoRA scale ``a`` (the adapter's delta is already ``student - teacher``).
+
+``a = 1`` is the student, ``a = 0`` the teacher, ``a > 1`` extrapolates (a few-step sampler that wants more of the
+student than it learnt). :func:`calibrate` picks, for each N, the scale whose N-step Euler samples are closest to
+the teacher's ``reference_steps``-step samples from the same noise (mean squared distance): a teacher-relative
+criterion that needs no data, so no held-out set is looked at.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .grids import sigma_grid
+from .samplers import euler_sample
+from .velocity import VelocityModel
+
+#: the scales tried for each step count by default: the teacher (0) to a 1.5x extrapolation of the student
+DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+@dataclass
+class StepCalibration:
+    """The scale chosen for each calibrated step count, and how it was chosen."""
+
+    scales: dict[int, float]
+    """Step count N -> scale a (1 = the student as trained)."""
+    shift: float
+    """Grid shift the calibration sampled with."""
+    reference_steps: int = 32
+    """Teacher Euler steps of the reference samples."""
+    errors: dict[int, dict[float, float]] = field(default_factory=dict)
+    """N -> {a: mean squared distance to the reference} for every scale tried."""
+
+    def scale_for(self, steps: int) -> float:
+        """The scale for ``steps``: its own, or that of the nearest calibrated step count (in log steps; ties go to
+        the larger count)."""
+        if steps in self.scales:
+            return self.scales[steps]
+        nearest = min(self.scales, key=lambda n: (abs(math.log(n) - math.log(steps)), -n))
+        return self.scales[nearest]
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["scales"] = {str(n): a for n, a in self.scales.items()}
+        values["errors"] = {str(n): {str(a): e for a, e in table.items()} for n, table in self.errors.items()}
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> "StepCalibration":
+        return cls(
+            scales={int(n): float(a) for n, a in values["scales"].items()},
+            shift=float(values["shift"]),
+            reference_steps=int(values.get("reference_steps", 32)),
+            errors={int(n): {float(a): float(e) for a, e in table.items()}
+                    for n, table in values.get("errors", {}).items()},
+        )
+
+
+@torch.no_grad()
+def calibrate(
+    velocity_at: Callable[[float], VelocityModel],
+    teacher: VelocityModel,
+    noise: torch.Tensor,
+    steps: Sequence[int],
+    *,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    shift: float = 1.0,
+    reference_steps: int = 32,
+    **cond: torch.Tensor,
+) -> StepCalibration:
+    """For each N in ``steps``, the scale (of ``scales``) whose N-step Euler samples from ``noise`` are closest to the
+    teacher's ``reference_steps``-step samples from the same noise.
+
+    ``velocity_at(a)`` is the deployed model at scale ``a`` (e.g. ``WeightInterpolation(...).at``); ``teacher`` the
+    guided teacher; ``cond`` per-sample conditioning. On equal distances the scale nearest 1 wins.
+    """
+    if not steps or any(n < 1 for n in steps):
+        raise ValueError(f"calibration steps must be step counts >= 1, got {list(steps)}")
+    if not scales:
+        raise ValueError("calibration scales must hold at least one scale, e.g. [0.5, 1.0, 1.5]")
+    reference = euler_sample(teacher, noise, sigma_grid(reference_steps, shift), **cond).x
+    chosen, errors = {}, {}
+    for n in steps:
+        grid = sigma_grid(n, shift)
+        table = {}
+        for a in scales:
+            x = euler_sample(velocity_at(float(a)), noise, grid, **cond).x
+            table[float(a)] = float((x - reference).float().pow(2).mean())
+        errors[int(n)] = table
+        chosen[int(n)] = min(table, key=lambda a: (table[a], abs(a - 1.0)))
+    return StepCalibration(chosen, float(shift), int(reference_steps), errors)
+
+
+class _Interpolated(nn.Module):
+    """``module`` evaluated with the parameters ``teacher + a * (student - teacher)`` (no copy of the module)."""
+
+    def __init__(self, module: nn.Module, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.module = module
+        self.params = params
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.module, self.params, (x, sigma), cond)
+
+
+class WeightInterpolation:
+    """Full-parameter students between teacher and student weights: ``at(a)`` is a velocity model whose every
+    floating-point parameter is ``teacher + a * (student - teacher)`` (both modules of one architecture)."""
+
+    def __init__(self, student: nn.Module, teacher_state: Mapping[str, torch.Tensor]):
+        self.student = student
+        own = dict(student.named_parameters())
+        missing = sorted(set(own) - set(teacher_state))
+        if missing:
+            raise ValueError(f"the teacher's weights lack {missing[:3]}...: they must be the student's architecture")
+        self.student_params = {n: p.detach() for n, p in own.items()}
+        self.teacher_params = {n: teacher_state[n].to(p.device, p.dtype) for n, p in self.student_params.items()}
+
+    def at(self, scale: float) -> nn.Module:
+        if scale == 1.0:
+            return self.student
+        params = {n: t + scale * (self.student_params[n] - t) for n, t in self.teacher_params.items()}
+        return _Interpolated(self.student, params)
+
+
+class CalibratedVelocity(nn.Module):
+    """A student that samples each step count at its calibrated scale: ``for_steps(n)`` is the velocity model to use
+    with an n-step sampler; calling it directly is the student as trained (scale 1).
+
+    ``guide`` wraps every returned model (e.g. classifier-free guidance)."""
+
+    def __init__(self, velocity_at: Callable[[float], VelocityModel], calibration: StepCalibration,
+                 guide: Callable[[VelocityModel], VelocityModel] = lambda model: model):
+        super().__init__()
+        self.velocity_at, self.calibration, self.guide = velocity_at, calibration, guide
+        self.plain = guide(velocity_at(1.0))
+
+    def for_steps(self, steps: int) -> VelocityModel:
+        return self.guide(self.velocity_at(self.calibration.scale_for(steps)))
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        return self.plain(x, sigma, **cond)
+
+
+def for_steps(velocity: VelocityModel, steps: int) -> VelocityModel:
+    """The model to sample ``steps`` steps with: a :class:`CalibratedVelocity`'s calibrated one, else ``velocity``."""
+    return velocity.for_steps(steps) if isinstance(velocity, CalibratedVelocity) else velocity
