@@ -411,6 +411,24 @@ def _run_family(lora_dir: Path) -> str:
 
 
 @app.command()
+def calibrate(
+    run: Path = typer.Argument(..., help="A finished distillation run of a built-in network."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides, e.g. calibration.steps=[1,2,4]."),
+) -> None:
+    """Choose each step count's teacher-student scale (closest to the teacher's 32 steps) and store it beside the
+    model; `sample` and `eval` then use it. Training runs this at its end already."""
+    from .workflows import calibrate_run
+
+    _threads(inference=True)
+    try:
+        calibration = calibrate_run(run, overrides or [])
+    except USER_ERRORS as exc:
+        _fail(exc)
+    console.print("scales per step count (1 = the student as trained, 0 = the teacher): "
+                  + ", ".join(f"{n}: {a:g}" for n, a in calibration.scales.items()))
+
+
+@app.command()
 def push(
     model: Path = typer.Argument(..., help="A LoRA run or its model/ folder."),
     repo_id: str = typer.Option(..., "--repo-id", help="Hub repository, user-or-org/name (created if absent)."),

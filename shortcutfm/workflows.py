@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, save_config
+from .config import Config, load_config, save_config
 from .evaluation.judge import Judge, SampleSet
 from .evaluation.report import markdown_table, plot_metric_vs_steps, plot_samples, write_metrics
 from .evaluation.sweep import MetricRow, floor_rows, step_sweep
@@ -123,6 +123,25 @@ def evaluate_models(
     return EvaluationReport(rows=rows, out_dir=out_dir, markdown=table)
 
 
+def calibrate_run(run_dir: Path, overrides: list[str] | None = None):
+    """Calibrate (or re-calibrate) the distilled built-in student of a finished run, with the run's own config
+    (``config.yaml``) and ``overrides`` (e.g. ``calibration.steps=[1,2,4]``); returns the
+    :class:`~shortcutfm.core.calibration.StepCalibration` written beside ``run_dir/model``."""
+    run_dir = Path(run_dir)
+    config_path, model_dir = run_dir / "config.yaml", run_dir / "model"
+    if not config_path.is_file() or not model_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a finished training run (needs config.yaml and model/)")
+    config = load_config(config_path, list(overrides or []))
+    if is_diffusers_family(config.model.kind):
+        raise ValueError(f"{run_dir} is a LoRA run: calibration is for built-in networks")
+    calibration = calibrate_model(config, model_dir)
+    if calibration is None:
+        raise ValueError(f"{run_dir}: nothing to calibrate (train.mode={config.train.mode}, "
+                         f"calibration.steps={list(config.calibration.steps)}, "
+                         f"model.fold_guidance={config.model.fold_guidance})")
+    return calibration
+
+
 # ---------------------------------------------------------------- presets and the demo
 
 PRESETS_DIR = Path(__file__).parent / "configs"
@@ -164,7 +183,6 @@ def run_demo(
     progress: bool = True,
 ) -> DemoResult:
     """Teacher (bundled, or ``teacher_steps`` of flow matching here), SCFM student, step sweep and report."""
-    from .config import load_config
 
     out_dir = Path(out_dir)
     overrides = list(overrides or [])

@@ -154,3 +154,22 @@ def test_a_malformed_calibration_file_is_named(distilled, tmp_path):
     (copy / TEACHER_WEIGHTS).unlink()
     with pytest.raises(FileNotFoundError, match="teacher.safetensors"):
         load_model(copy)
+
+
+def test_cli_calibrates_a_finished_run_again(distilled, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from shortcutfm.cli import app
+
+    _, result, _ = distilled
+    run = shutil.copytree(result.run_dir, tmp_path / "run")
+    for name in (CALIBRATION, TEACHER_WEIGHTS):
+        (run / "model" / name).unlink()
+    assert load_model(run / "model").calibration is None
+    invoked = CliRunner().invoke(app, ["calibrate", str(run), "calibration.steps=[2,3]", "calibration.num_samples=64"])
+    assert invoked.exit_code == 0, invoked.output
+    assert set(load_model(run / "model").calibration.scales) == {2, 3}
+    refused = CliRunner().invoke(app, ["calibrate", str(tmp_path / "nothing")])
+    assert refused.exit_code != 0 and "not a finished training run" in refused.output
