@@ -131,7 +131,8 @@ def evaluate(
         help="LoRA: torch-fidelity Inception-v3 weights file (offline FID)."),
     no_fid: bool = typer.Option(False, "--no-fid", help="LoRA: skip FID (no torch-fidelity needed)."),
     num_prompts: int = typer.Option(512, "--num-prompts", help="LoRA: at most this many prompts (proving ground: held-out prompts)."),
-    lora_scale: float = typer.Option(1.0, "--lora-scale", help="LoRA: adapter scale."),
+    lora_scale: Optional[float] = typer.Option(None, "--lora-scale",
+        help="LoRA: adapter scale of every student row (default: each step count's calibrated scale, else 1)."),
 ) -> None:
     """Step sweep with the same noise for every row. Built-in models (--teacher, --student): teacher Euler and
     Heun, student Euler, 1-32 steps. A LoRA (RUN, or --pipeline with --lora) with --prompts: FID against the
@@ -210,7 +211,7 @@ def _evaluate_lora(run_dir, arguments, *, out, pipeline, lora, prompts, steps, r
         folded = {"student_guidance_scale": 0.0, "student_name": "student-1pass"} if cfg.model.fold_guidance else {}
         return evaluate_lora_run(Path(pretrained), lora_dir, out, guidance_scale=training_guidance_scale(cfg), **folded,
                                  shift=cfg.eval.select_shift, num_prompts=num_prompts, seed=cfg.eval.seed,
-                                 lora_scale=lora_scale, cache_dir=cache_dir() / "t2i")
+                                 lora_scale=1.0 if lora_scale is None else lora_scale, cache_dir=cache_dir() / "t2i")
     from .evaluation.lora_eval import LoraEvalSettings, evaluate_lora, inception_features
     from .preparation.inputs import read_prompt_file
 
@@ -256,7 +257,8 @@ def sample(
     label: Optional[int] = typer.Option(None, "--label", help="Built-in models: class label (default: classes in turn)."),
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="Diffusers LoRA: prompt(s), one image each."),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Diffusers LoRA: base pipeline (default: the run's model.pretrained)."),
-    lora_scale: float = typer.Option(1.0, "--lora-scale", help="Diffusers LoRA: adapter scale (1 to 1.75 suits few steps)."),
+    lora_scale: Optional[float] = typer.Option(None, "--lora-scale",
+        help="Diffusers LoRA: adapter scale (default: the calibrated scale for --steps, else 1)."),
     seed: int = typer.Option(0, "--seed"),
     height: Optional[int] = typer.Option(None, "--height",
         help="Diffusers LoRA: pixels (default: the training cache's, else the pipeline's)."),

@@ -236,14 +236,16 @@ class ValidationConfig:
 @dataclass
 class CalibrationConfig:
     steps: tuple[int, ...] = (1, 2, 3, 4, 8, 16, 32)
-    """Distillation of a built-in network: after training, each of these step counts gets the scale ``a`` (weights
-    ``teacher + a (student - teacher)``) whose Euler samples are closest to the teacher's 32-step samples from the
-    same noise; ``shortcutfm sample`` and the step sweep then sample each step count at its scale (others at the
-    nearest calibrated count's). Stored beside the model (calibration.json). Empty: no calibration."""
+    """Distillation: after training, each of these step counts gets the scale ``a`` (built-in networks: weights
+    ``teacher + a (student - teacher)``; LoRA runs: the LoRA scale) whose Euler samples are closest to the teacher's
+    32-step samples from the same noise (at eval.select_shift); ``shortcutfm sample``, ``eval`` and the step sweep
+    then sample each step count at its scale (others at the nearest calibrated count's). Stored beside the model
+    (calibration.json; a LoRA also in its file's metadata). Empty: no calibration."""
     scales: tuple[float, ...] = DEFAULT_SCALES
     """The scales tried for every step count (1 = the student as trained, 0 = the teacher)."""
     num_samples: int = 2048
-    """Noise samples (and training labels) the calibration compares on; drawn with eval.seed."""
+    """Built-in networks: noise samples (and training labels) the calibration compares on, drawn with eval.seed
+    (LoRA runs use the validation prompts, or eval.num_samples cached ones, and their noise)."""
 
     def __post_init__(self) -> None:
         self.steps, self.scales = tuple(self.steps), tuple(float(a) for a in self.scales)
@@ -427,7 +429,12 @@ def check_sections(config: Config) -> None:
     calibration = [f"calibration.{f.name}" for f in dataclasses.fields(config.calibration)
                    if _changed(config.calibration, f.name)]
     if kind in DIFFUSERS_KINDS:
-        unused += [f"{name} (calibration is for built-in networks)" for name in calibration]
+        if _changed(config.calibration, "num_samples"):  # LoRA runs calibrate on the validation prompts
+            unused.append("calibration.num_samples (LoRA runs calibrate on the validation prompts or eval.num_samples "
+                          "cached ones)")
+        if mode == "pretrain" or config.model.fold_guidance:
+            unused += [f"{name} (calibration is for distilled students without folded guidance)"
+                       for name in calibration]
         unused += [f"model.{n}" for n in ("width", "depth", "channels", "blocks") if _changed(config.model, n)]
         unused += [f"data.{n}" for n in ("holdout_fraction", "num_toy_samples", "split_seed") if _changed(config.data, n)]
         if config.train.teacher:

@@ -130,13 +130,15 @@ def _save_sample(sample, path: Path) -> Path:
 
 def sample_diffusers(
     lora_dir: Path, *, pretrained: str | None, prompts: list[str], steps: int, shift: float | None,
-    lora_scale: float, seed: int, out: Path, height: int | None = None, width: int | None = None,
+    lora_scale: float | None, seed: int, out: Path, height: int | None = None, width: int | None = None,
 ) -> list[Path]:
     """Generate images with the stock pipeline plus the exported SCFM LoRA; one PNG per prompt (video models: an
-    animated GIF, or a PNG for one-frame videos)."""
+    animated GIF, or a PNG for one-frame videos). ``lora_scale=None``: the LoRA's calibrated scale for ``steps``
+    (its calibration.json), or 1 for an uncalibrated LoRA."""
     import yaml
 
     from .models.diffusers import family_of_pipeline, fuse_lora, sample_with_pipeline
+    from .models.diffusers.export import read_calibration
 
     config_path = lora_dir.parent / "config.yaml"  # the run's config, beside model/, final/ and best/
     run_config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
@@ -152,6 +154,9 @@ def sample_diffusers(
     layout = _cache_layout((run_config.get("data") or {}).get("source"))
     extra = {"max_sequence_length": layout["max_sequence_length"]} if layout else {}
     pipe = load_pipeline(pretrained)
+    if lora_scale is None:
+        calibration = read_calibration(lora_dir)
+        lora_scale = calibration.scale_for(steps) if calibration is not None else 1.0
     pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS, adapter_name="scfm")
     fuse_lora(pipe, "scfm", lora_scale)  # N steps cost N base passes
     codec = family_of_pipeline(pipe).latents

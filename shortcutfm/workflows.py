@@ -49,6 +49,11 @@ def run_training(config: Config, *, resume: bool = False, overwrite: bool = Fals
             if is_world_pipeline(config.model.pretrained):  # the proving ground: select on images, not latents
                 setup.evaluate = selection_evaluator(config, setup.student, setup.data.cache, cache_dir() / "t2i")
         result = train(config, setup, resume=resume, overwrite=overwrite, progress=progress)
+        from .training.validation import calibrate_lora
+
+        calibration = calibrate_lora(config, setup.student, setup.data.cache, result.model_dir)
+        if calibration is not None and progress:
+            print(f"calibrated LoRA scales per step count: {_scales_text(calibration)}")
         if config.train.mode == "distill" and int(os.environ.get("RANK", "0")) == 0:
             from .model_card import write_model_card
 
@@ -61,9 +66,12 @@ def run_training(config: Config, *, resume: bool = False, overwrite: bool = Fals
     result = train(config, builtin_setup(config, split, judge), resume=resume, overwrite=overwrite, progress=progress)
     calibration = calibrate_model(config, result.model_dir)
     if calibration is not None and progress:
-        scales = ", ".join(f"{n}: {a:g}" for n, a in calibration.scales.items())
-        print(f"calibrated scales per step count ({{steps: scale}}, 1 = as trained): {{{scales}}}")
+        print(f"calibrated scales per step count: {_scales_text(calibration)}")
     return result
+
+
+def _scales_text(calibration) -> str:
+    return ", ".join(f"{n}: {a:g}" for n, a in calibration.scales.items()) + " (1 = the student as trained, 0 = the teacher)"
 
 
 @dataclass

@@ -173,3 +173,99 @@ def test_cli_calibrates_a_finished_run_again(distilled, tmp_path):
     assert set(load_model(run / "model").calibration.scales) == {2, 3}
     refused = CliRunner().invoke(app, ["calibrate", str(tmp_path / "nothing")])
     assert refused.exit_code != 0 and "not a finished training run" in refused.output
+
+
+# ---------------------------------------------------------------- LoRA students
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    from PIL import Image
+
+    from diffusers_fixtures import SEQUENCE_LENGTH, tiny_pipeline
+    from shortcutfm.preparation import prepare_from_folder
+    from shortcutfm.sampling import load_pipeline
+
+    tmp = tmp_path_factory.mktemp("lora_calibration")
+    tiny_pipeline("sd3").save_pretrained(tmp / "pipe")
+    (tmp / "images").mkdir()
+    for i in range(4):
+        pixels = np.random.default_rng(i).integers(0, 256, (16, 16, 3)).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp / "images" / f"{i}.png")
+        (tmp / "images" / f"{i}.txt").write_text(f"a photo of {['cat', 'dog'][i % 2]}")
+    pipe = load_pipeline(str(tmp / "pipe"))
+    pipe.set_progress_bar_config(disable=True)
+    prepare_from_folder(pipe, tmp / "images", tmp / "cache", height=16, width=16,
+                        max_sequence_length=SEQUENCE_LENGTH["sd3"], show_progress=False)
+    config = load_config(resolve_config_path("sd3"), [
+        f"data.source={tmp / 'cache'}", f"model.pretrained={tmp / 'pipe'}", "model.dtype=float32",
+        'train.mixed_precision="no"', "lora.rank=4", "lora.alpha=4", "train.steps=3", "train.batch_size=2",
+        "jumps.teacher_grid=4", "jumps.self_grids=[2,4]", "eval.every=3", "eval.num_samples=2", "optim.lr=1e-2",
+        f"train.output_dir={tmp / 'run'}", "calibration.steps=[1,2,4]", "calibration.scales=[0.0,0.5,1.0,1.5]"])
+    return config, run_training(config, progress=False)
+
+
+def test_a_lora_run_stores_its_calibration_beside_and_in_the_lora_file(lora_run):
+    from safetensors import safe_open
+
+    from shortcutfm.models.diffusers.export import CALIBRATION_METADATA_KEY, STUDENT_WEIGHTS, read_calibration
+
+    _, result = lora_run
+    calibration = read_calibration(result.model_dir)
+    assert set(calibration.scales) == {1, 2, 4} and calibration.shift == 3.0  # the sd3 family's select shift
+    for n, table in calibration.errors.items():
+        assert set(table) == {0.0, 0.5, 1.0, 1.5} and table[calibration.scales[n]] == min(table.values())
+    with safe_open(str(result.model_dir / STUDENT_WEIGHTS), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert StepCalibration.from_dict(json.loads(metadata[CALIBRATION_METADATA_KEY])) == calibration
+    assert "lora_adapter_metadata" in metadata  # diffusers' own metadata is kept (alpha != rank loads right)
+    (result.model_dir / "calibration.json").rename(result.model_dir / "moved.json")
+    try:
+        assert read_calibration(result.model_dir) == calibration  # the file's metadata alone suffices
+    finally:
+        (result.model_dir / "moved.json").rename(result.model_dir / "calibration.json")
+
+
+def test_lora_sample_and_eval_fuse_each_step_counts_calibrated_scale(lora_run, tmp_path, monkeypatch):
+    from diffusers import StableDiffusion3Pipeline
+
+    import shortcutfm.models.diffusers as diffusers_models
+    from shortcutfm.evaluation.lora_eval import LoraEvalSettings, evaluate_lora
+    from shortcutfm.models.diffusers.export import read_calibration, write_calibration
+    from shortcutfm.sampling import sample_diffusers
+
+    config, result = lora_run
+    calibration = read_calibration(result.model_dir)
+    wanted = StepCalibration({1: 1.5, 2: 0.5, 4: 0.0}, calibration.shift, errors=calibration.errors)
+    write_calibration(result.model_dir, wanted)  # distinct scales, so a wrong lookup shows
+    fused = []
+    real_fuse = diffusers_models.fuse_lora
+
+    def recording_fuse(pipe, name, scale):
+        fused.append(scale)
+        return real_fuse(pipe, name, scale)
+
+    monkeypatch.setattr(diffusers_models, "fuse_lora", recording_fuse)
+    for steps in (1, 2, 3):
+        sample_diffusers(result.model_dir, pretrained=None, prompts=["a cat"], steps=steps, shift=None, lora_scale=None,
+                         seed=0, out=tmp_path / f"s{steps}.png")
+    sample_diffusers(result.model_dir, pretrained=None, prompts=["a cat"], steps=2, shift=None, lora_scale=1.25,
+                     seed=0, out=tmp_path / "given.png")
+    assert fused == [1.5, 0.5, 0.0, 1.25]  # 3 steps: the nearest calibrated count (4, in log steps)
+
+    scales = []
+    real = StableDiffusion3Pipeline.fuse_lora
+
+    def recording_pipeline_fuse(self, lora_scale=1.0, **kwargs):
+        scales.append(lora_scale)
+        return real(self, lora_scale=lora_scale, **kwargs)
+
+    monkeypatch.setattr(StableDiffusion3Pipeline, "fuse_lora", recording_pipeline_fuse)
+    settings = LoraEvalSettings(pipeline=config.model.pretrained, lora_dir=str(result.model_dir), prompts=["a cat", "a dog"],
+                                steps=(1, 2, 4), teacher_steps=4, height=16, width=16, max_sequence_length=8, batch_size=2)
+    report = evaluate_lora(settings, tmp_path / "eval", fid_features=None, progress=False)
+    assert scales == [1.5, 0.5, 0.0]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["lora_scales"] == {"1": 1.5, "2": 0.5, "4": 0.0} and metrics["calibrated"] is True
+    # at scale 0 the student is the teacher: its 4-step images equal the teacher's 4-step ones
+    torch.testing.assert_close(report.images[("student", 4)], report.images[("teacher", 4)], atol=1e-5, rtol=1e-5)

@@ -37,8 +37,8 @@ class StepCalibration:
 
     scales: dict[int, float]
     """Step count N -> scale a (1 = the student as trained)."""
-    shift: float
-    """Grid shift the calibration sampled with."""
+    shift: float | str
+    """Grid shift the calibration sampled with (a number, or "dynamic" for a diffusers family's own)."""
     reference_steps: int = 32
     """Teacher Euler steps of the reference samples."""
     errors: dict[int, dict[float, float]] = field(default_factory=dict)
@@ -62,7 +62,7 @@ class StepCalibration:
     def from_dict(cls, values: Mapping) -> "StepCalibration":
         return cls(
             scales={int(n): float(a) for n, a in values["scales"].items()},
-            shift=float(values["shift"]),
+            shift=values["shift"] if isinstance(values["shift"], str) else float(values["shift"]),
             reference_steps=int(values.get("reference_steps", 32)),
             errors={int(n): {float(a): float(e) for a, e in table.items()}
                     for n, table in values.get("errors", {}).items()},
@@ -77,31 +77,53 @@ def calibrate(
     steps: Sequence[int],
     *,
     scales: Sequence[float] = DEFAULT_SCALES,
-    shift: float = 1.0,
+    shift: float | str = 1.0,
     reference_steps: int = 32,
+    grid: Callable[[int], torch.Tensor] | None = None,
+    batch_size: int | None = None,
     **cond: torch.Tensor,
 ) -> StepCalibration:
     """For each N in ``steps``, the scale (of ``scales``) whose N-step Euler samples from ``noise`` are closest to the
     teacher's ``reference_steps``-step samples from the same noise.
 
     ``velocity_at(a)`` is the deployed model at scale ``a`` (e.g. ``WeightInterpolation(...).at``); ``teacher`` the
-    guided teacher; ``cond`` per-sample conditioning. On equal distances the scale nearest 1 wins.
+    guided teacher; ``cond`` per-sample conditioning. Grids: ``sigma_grid(n, shift)``, or ``grid(n)`` (e.g. a
+    diffusers family's dynamic shift; ``shift`` is then only recorded). ``batch_size`` samples in chunks (large
+    models). On equal distances the scale nearest 1 wins.
     """
+    grid_of = grid if grid is not None else (lambda n: sigma_grid(n, shift))
+    chunk = batch_size or len(noise)
+
+    def samples(model: VelocityModel, n: int) -> torch.Tensor:
+        parts = []
+        for start in range(0, len(noise), chunk):
+            rows = slice(start, start + chunk)
+            parts.append(euler_sample(model, noise[rows], grid_of(n), **{k: v[rows] for k, v in cond.items()}).x)
+        return torch.cat(parts).float()
+
+    reference = samples(teacher, reference_steps)
+    chosen, errors = choose_scales(lambda a, n: samples(velocity_at(a), n), reference, steps, scales)
+    return StepCalibration(chosen, shift if isinstance(shift, str) else float(shift), int(reference_steps), errors)
+
+
+def choose_scales(
+    sample_at: Callable[[float, int], torch.Tensor], reference: torch.Tensor, steps: Sequence[int],
+    scales: Sequence[float],
+) -> tuple[dict[int, float], dict[int, dict[float, float]]]:
+    """The selection rule of :func:`calibrate` for any sampler: ``sample_at(a, n)`` gives n-step samples at scale
+    a from the noise of ``reference``; returns ``({n: best a}, {n: {a: mean squared distance}})``, ties to the scale
+    nearest 1."""
     if not steps or any(n < 1 for n in steps):
         raise ValueError(f"calibration steps must be step counts >= 1, got {list(steps)}")
     if not scales:
         raise ValueError("calibration scales must hold at least one scale, e.g. [0.5, 1.0, 1.5]")
-    reference = euler_sample(teacher, noise, sigma_grid(reference_steps, shift), **cond).x
     chosen, errors = {}, {}
     for n in steps:
-        grid = sigma_grid(n, shift)
-        table = {}
-        for a in scales:
-            x = euler_sample(velocity_at(float(a)), noise, grid, **cond).x
-            table[float(a)] = float((x - reference).float().pow(2).mean())
+        table = {float(a): float((sample_at(float(a), int(n)).float() - reference.float()).pow(2).mean())
+                 for a in scales}
         errors[int(n)] = table
         chosen[int(n)] = min(table, key=lambda a: (table[a], abs(a - 1.0)))
-    return StepCalibration(chosen, float(shift), int(reference_steps), errors)
+    return chosen, errors
 
 
 class _Interpolated(nn.Module):

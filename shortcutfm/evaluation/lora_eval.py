@@ -46,7 +46,8 @@ class LoraEvalSettings:
     shift: float | str | None = None  # None: the family's sampling shift
     guidance: float | None = None  # CFG w (Flux: the embedded guidance value); None: the family's default
     student_guidance: float | None = None  # the student's (None: ``guidance``; 0: guidance folded into the LoRA)
-    lora_scale: float = 1.0
+    lora_scale: float | None = None
+    """The LoRA scale of every student row; None: each step count's calibrated scale (1 if uncalibrated)."""
     seed: int = 1234
     height: int | None = None
     width: int | None = None
@@ -185,7 +186,8 @@ def evaluate_lora(settings: LoraEvalSettings, out_dir: Path, *, fid_features: in
     score. ``pipe``: an already loaded pipeline of ``settings.pipeline`` (default: loaded here)."""
     from tqdm.auto import tqdm
 
-    from ..models.diffusers import RealGuidance, family_of_pipeline, fuse_lora
+    from ..models.diffusers import RealGuidance, family_of_pipeline
+    from ..models.diffusers.export import read_calibration
     from ..sampling import LORA_WEIGHTS, load_pipeline
     from ..training.validation import ValidationGrid, save_grid
 
@@ -216,11 +218,16 @@ def evaluate_lora(settings: LoraEvalSettings, out_dir: Path, *, fid_features: in
     images[plan[0]], seconds[plan[0]] = _sample(pipe, settings, noise, settings.teacher_steps, settings.guidance)
     student_guidance = settings.guidance if settings.student_guidance is None else settings.student_guidance
     bar.update(1)
+    calibration = read_calibration(settings.lora_dir) if settings.lora_scale is None else None
+    scales = {n: (settings.lora_scale if settings.lora_scale is not None else
+                  calibration.scale_for(n) if calibration is not None else 1.0) for n in settings.steps}
     pipe.load_lora_weights(settings.lora_dir, weight_name=LORA_WEIGHTS, adapter_name="scfm")
-    fuse_lora(pipe, "scfm", settings.lora_scale)  # N student steps cost N base passes
     for key in plan[1:]:
+        pipe.fuse_lora(lora_scale=scales[key[1]], adapter_names=["scfm"])  # N student steps cost N base passes
         images[key], seconds[key] = _sample(pipe, settings, noise, key[1], student_guidance)
+        pipe.unfuse_lora()
         bar.update(1)
+    pipe.unload_lora_weights()
     bar.close()
 
     reference = None
@@ -248,7 +255,8 @@ def evaluate_lora(settings: LoraEvalSettings, out_dir: Path, *, fid_features: in
         rows.append(row("seconds_per_image", seconds[(model, steps)]))
 
     write_metrics(rows, out_dir / "metrics.json", {"num_prompts": len(settings.prompts), "family": family.name,
-                                                   "shift": shift, "lora_scale": settings.lora_scale})
+                                                   "shift": shift, "lora_scales": {str(n): a for n, a in scales.items()},
+                                                   "calibrated": calibration is not None})
     figures = plot_metric_vs_steps(rows, out_dir)
     shown = min(8, len(settings.prompts))
     columns = [images[("student", n)][:shown] for n in settings.steps] + [teacher_images[:shown]]
@@ -258,7 +266,9 @@ def evaluate_lora(settings: LoraEvalSettings, out_dir: Path, *, fid_features: in
     metrics = list(dict.fromkeys(r.metric for r in rows))
     table = markdown_table(rows, metrics)
     lines = [f"# SCFM LoRA evaluation: {family.name}", "",
-             f"Pipeline `{settings.pipeline}`, LoRA `{settings.lora_dir}` at scale {settings.lora_scale:g}; "
+             f"Pipeline `{settings.pipeline}`, LoRA `{settings.lora_dir}` at scale "
+             + ", ".join(f"{a:g} ({n} steps)" for n, a in scales.items())
+             + (" (its step calibration)" if calibration is not None else "") + "; "
              f"{len(settings.prompts)} prompts at {settings.height}x{settings.width}, the same noise for every row; "
              f"grid shift {shift}; nfe counts both CFG passes.", "",
              "fid_teacher: FID against the teacher's "

@@ -115,6 +115,15 @@ class LoraValidation:
         x = self.sample(velocity, self.config.eval.select_steps)
         return Evaluation(self.metric, (x - self.teacher()).square().mean().item())
 
+    def calibrate(self, steps, scales):
+        """The student's step-count calibration (:mod:`shortcutfm.core.calibration`) on these prompts and noise:
+        per step count, the LoRA scale whose samples are closest to the teacher's 32-step ones."""
+        from ..core.calibration import StepCalibration, choose_scales
+
+        chosen, errors = choose_scales(lambda a, n: self.sample(self.student.velocity_at(a), n), self.teacher(),
+                                       steps, scales)
+        return StepCalibration(chosen, self.config.eval.select_shift, TEACHER_REFERENCE_STEPS, errors)
+
     def grid(self, velocity) -> ValidationGrid:
         if self.decode is None:
             raise RuntimeError("this validation has no decoder (no validation prompts were given)")
@@ -149,6 +158,28 @@ def lora_validation(config: Config, student, cache) -> LoraValidation:
         return decode_latents(student.family, vae, latents)
 
     return LoraValidation(config, student, cond, prompts, latent_shape, decode)
+
+
+def calibrate_lora(config: Config, student, cache, model_dir: Path):
+    """Calibrate the LoRA of a finished distillation run (``model_dir``: its deployed LoRA, loaded into ``student``
+    first) on the validation prompts (or cached ones) per ``calibration.steps``, and store the result beside and in
+    the LoRA file; None when the config asks for none (``calibration.steps: []``, folded guidance, pretraining).
+    Every process calls it (a sharded student samples on all); the main process writes."""
+    import os
+
+    from safetensors.torch import load_file
+
+    from ..models.diffusers.export import STUDENT_WEIGHTS, write_calibration
+
+    settings = config.calibration
+    if config.train.mode != "distill" or not settings.steps or config.model.fold_guidance:
+        return None
+    weights = load_file(str(Path(model_dir) / STUDENT_WEIGHTS))
+    student.load_state_dict({name.removeprefix("transformer."): tensor for name, tensor in weights.items()})
+    calibration = lora_validation(config, student, cache).calibrate(settings.steps, settings.scales)
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_calibration(model_dir, calibration)
+    return calibration
 
 
 def save_grid(grid: ValidationGrid, path: Path) -> Path:

@@ -68,3 +68,54 @@ def export_lora(
         paths.append(save_adapter(student.transformer, SLOW_EMA, student.family, directory, EMA_WEIGHTS, dtype,
                                   is_main_process))
     return paths
+
+
+#: the step-count calibration of an exported LoRA: a file beside it, and the same JSON in its safetensors metadata
+CALIBRATION_FILE = "calibration.json"
+CALIBRATION_METADATA_KEY = "shortcutfm_step_calibration"
+
+
+def write_calibration(lora_dir: str | Path, calibration) -> None:
+    """Store a :class:`~shortcutfm.core.calibration.StepCalibration` beside the LoRA in ``lora_dir`` and in the
+    LoRA file's metadata (the other metadata, e.g. diffusers' adapter config, is kept)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ...atomic import atomic_path, write_text_atomic
+
+    lora_dir = Path(lora_dir)
+    text = json.dumps(calibration.to_dict())
+    weights = lora_dir / STUDENT_WEIGHTS
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    tensors = load_file(str(weights))
+    with atomic_path(weights, what="LoRA weights") as tmp:
+        save_file(tensors, str(tmp), metadata={**metadata, CALIBRATION_METADATA_KEY: text})
+    write_text_atomic(lora_dir / CALIBRATION_FILE, json.dumps(calibration.to_dict(), indent=2) + "\n",
+                      what="calibration")
+
+
+def read_calibration(lora_dir: str | Path):
+    """The LoRA's step-count calibration (``calibration.json`` beside it, else its file's metadata), or None."""
+    import json
+
+    from safetensors import safe_open
+
+    from ...core.calibration import StepCalibration
+
+    lora_dir = Path(lora_dir)
+    path = lora_dir / CALIBRATION_FILE
+    try:
+        if path.is_file():
+            return StepCalibration.from_dict(json.loads(path.read_text()))
+        weights = lora_dir / STUDENT_WEIGHTS
+        if weights.is_file():
+            with safe_open(str(weights), framework="pt") as handle:
+                text = (handle.metadata() or {}).get(CALIBRATION_METADATA_KEY)
+            return StepCalibration.from_dict(json.loads(text)) if text else None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"the step calibration of {lora_dir} is malformed ({exc}); delete {CALIBRATION_FILE} or "
+                         "pass --lora-scale") from None
+    return None

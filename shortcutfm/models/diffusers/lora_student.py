@@ -157,6 +157,11 @@ class LoraStudent:
         """The student's own guided prediction through ``module`` (default: the unwrapped velocity adapter)."""
         return self._guide(self.module if module is None else module)
 
+    def velocity_at(self, scale: float) -> VelocityModel:
+        """The student's guided prediction with its LoRA at ``scale`` (1 = as trained, 0 = the base model): the
+        deployed model of a step-count calibration (:mod:`shortcutfm.core.calibration`)."""
+        return self._guide(self.family.velocity(self.transformer, lora_scale=scale))
+
     def target_velocities(self) -> TargetVelocities:
         """Guided teacher (adapters off), fast-EMA and slow-EMA velocities; each call runs under no_grad."""
         fast = FAST_EMA if FAST_EMA in self.ema_names else SLOW_EMA
