@@ -182,7 +182,7 @@ class EvalConfig:
     "dynamic"; also the shift `shortcutfm eval` sweeps LoRA runs at)."""
     num_samples: int = 2000
     """Samples per evaluation during training (diffusers runs without validation prompts: cached prompts)."""
-    sweep_steps: tuple[int, ...] = (1, 2, 3, 4, 8, 32)
+    sweep_steps: tuple[int, ...] = (1, 2, 3, 4, 8, 16, 32)
     """Step counts of the final sweep."""
     sweep_shifts: tuple[float, ...] = (1.0, 3.0)
     """Sampling shifts of the final sweep."""
