@@ -211,7 +211,7 @@ def _evaluate_lora(run_dir, arguments, *, out, pipeline, lora, prompts, steps, r
         folded = {"student_guidance_scale": 0.0, "student_name": "student-1pass"} if cfg.model.fold_guidance else {}
         return evaluate_lora_run(Path(pretrained), lora_dir, out, guidance_scale=training_guidance_scale(cfg), **folded,
                                  shift=cfg.eval.select_shift, num_prompts=num_prompts, seed=cfg.eval.seed,
-                                 lora_scale=1.0 if lora_scale is None else lora_scale, cache_dir=cache_dir() / "t2i")
+                                 lora_scale=lora_scale, cache_dir=cache_dir() / "t2i")
     from .evaluation.lora_eval import LoraEvalSettings, evaluate_lora, inception_features
     from .preparation.inputs import read_prompt_file
 

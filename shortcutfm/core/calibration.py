@@ -168,7 +168,11 @@ class CalibratedVelocity(nn.Module):
                  guide: Callable[[VelocityModel], VelocityModel] = lambda model: model):
         super().__init__()
         self.velocity_at, self.calibration, self.guide = velocity_at, calibration, guide
-        self.plain = guide(velocity_at(1.0))
+
+    @property
+    def plain(self) -> VelocityModel:
+        """The student as trained (scale 1)."""
+        return self.guide(self.velocity_at(1.0))
 
     def for_steps(self, steps: int) -> VelocityModel:
         return self.guide(self.velocity_at(self.calibration.scale_for(steps)))

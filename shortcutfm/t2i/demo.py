@@ -42,7 +42,7 @@ def sweep_plan(student: bool = True) -> dict[str, tuple[tuple[str, int], ...]]:
 
 
 def evaluate_lora_run(pipeline_dir: Path, lora_dir: Path | None, out_dir: Path, *, guidance_scale: float,
-                      shift: float, num_prompts: int = 512, seed: int = 1234, lora_scale: float = 1.0,
+                      shift: float, num_prompts: int = 512, seed: int = 1234, lora_scale: float | None = None,
                       student_guidance_scale: float | None = None, student_name: str = "student",
                       cache_dir: Path, title: str = "t2i proving ground: step sweep", notes: list[str] | None = None,
                       extra_models: dict | None = None, progress: bool = True) -> T2IReport:
@@ -51,7 +51,8 @@ def evaluate_lora_run(pipeline_dir: Path, lora_dir: Path | None, out_dir: Path, 
 
     ``extra_models``: name -> (transformer, ((sampler, steps), ...)) swept too (benchmarks use it).
     ``student_guidance_scale``: the student's CFG weight (None: ``guidance_scale``; 0 for a student with the
-    guidance folded in, one pass per step), reported as ``student_name``."""
+    guidance folded in, one pass per step), reported as ``student_name``. ``lora_scale``: one scale for every step
+    count, or None: each step count's calibrated scale (the LoRA's calibration.json; 1 if it has none)."""
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = ev.load_world_pipeline(pipeline_dir)
@@ -61,9 +62,23 @@ def evaluate_lora_run(pipeline_dir: Path, lora_dir: Path | None, out_dir: Path, 
     passes = {"teacher": 2 if guidance_scale else 1, student_name: 2 if student_w else 1}
     plan = sweep_plan(student=lora_dir is not None)
     velocities = {"teacher": (ev.guided_velocity(pipe.transformer, prompts.uncond, guidance_scale), plan["teacher"])}
+    calibration = None
     if lora_dir is not None:
-        student = ev.fused_lora_transformer(pipeline_dir, lora_dir, lora_scale)
-        velocities[student_name] = (ev.guided_velocity(student, prompts.uncond, student_w), plan["student"])
+        from ..core.calibration import CalibratedVelocity
+        from ..models.diffusers.export import read_calibration
+
+        calibration = read_calibration(lora_dir) if lora_scale is None else None
+        fused: dict[float, object] = {}
+
+        def student_at(scale: float):
+            if scale not in fused:  # one fused copy of the transformer per distinct scale
+                transformer = ev.fused_lora_transformer(pipeline_dir, lora_dir, scale)
+                fused[scale] = ev.guided_velocity(transformer, prompts.uncond, student_w)
+            return fused[scale]
+
+        student = (CalibratedVelocity(student_at, calibration) if calibration is not None
+                   else student_at(1.0 if lora_scale is None else lora_scale))
+        velocities[student_name] = (student, plan["student"])
     for name, (transformer, model_plan) in (extra_models or {}).items():
         velocities[name] = (ev.guided_velocity(transformer, prompts.uncond, guidance_scale), model_plan)
         passes[name] = passes["teacher"]
@@ -74,7 +89,8 @@ def evaluate_lora_run(pipeline_dir: Path, lora_dir: Path | None, out_dir: Path, 
     figures.append(plot_prompt_grid(images, prompts, out_dir / "samples.png"))
     write_metrics(rows, out_dir / "metrics.json", {"judge_held_out_accuracy": accuracy, "num_prompts": num_prompts,
                                                    "guidance_scale": guidance_scale, "shift": shift,
-                                                   "lora_scale": lora_scale})
+                                                   "lora_scale": lora_scale,
+                                                   "calibration": calibration.scales if calibration else None})
     table = markdown_table(rows, ["fd_data", "fd_teacher", "adherence"])
     lines = [f"# {title}", "",
              f"{num_prompts} held-out prompts (scenes training never saw), the same noise for every row; CFG scale "

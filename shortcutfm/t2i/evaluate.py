@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..core.calibration import for_steps
 from ..core.samplers import sample
 from ..evaluation.sweep import MetricRow
 from . import judge as judging
@@ -141,7 +142,8 @@ def world_sweep(pipe, velocities: dict[str, tuple[object, tuple[tuple[str, int],
     images: dict[tuple[str, str, int], torch.Tensor] = {}
     rows: list[MetricRow] = []
     for name, sampler, steps in tqdm(jobs, desc="t2i step sweep", disable=not progress, dynamic_ncols=True):
-        latents, evaluations = sample_latents(velocities[name][0], prompts, steps, shift, sampler)
+        # a calibrated student: the model of this step count's scale
+        latents, evaluations = sample_latents(for_steps(velocities[name][0], steps), prompts, steps, shift, sampler)
         decoded = decode(pipe.vae, latents)
         images[(name, sampler, steps)] = decoded
         if (name, sampler, steps) not in planned:
