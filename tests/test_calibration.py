@@ -12,7 +12,7 @@ from torch import nn
 
 from shortcutfm.config import ConfigError, load_config
 from shortcutfm.core import euler_sample
-from shortcutfm.core.calibration import CalibratedVelocity, StepCalibration, WeightInterpolation, calibrate
+from shortcutfm.core.calibration import DEFAULT_SCALES, CalibratedVelocity, StepCalibration, WeightInterpolation, calibrate
 from shortcutfm.core.grids import sigma_grid
 from shortcutfm.data import Normalization
 from shortcutfm.models.builtin import CALIBRATION, TEACHER_WEIGHTS, load_model
@@ -111,7 +111,7 @@ def test_distillation_stores_its_calibration_and_the_teacher_beside_the_model(di
     assert all(torch.equal(loaded.teacher_state[k], v) for k, v in teacher.items())
     # the recorded choice is the best of its table
     for n, table in loaded.calibration.errors.items():
-        assert table[loaded.calibration.scales[n]] == min(table.values()) and len(table) == 7
+        assert table[loaded.calibration.scales[n]] == min(table.values()) and len(table) == len(DEFAULT_SCALES)
 
 
 def test_sample_uses_the_calibrated_scale_of_its_step_count(distilled, tmp_path):

@@ -27,8 +27,8 @@ from .grids import sigma_grid
 from .samplers import euler_sample
 from .velocity import VelocityModel
 
-#: the scales tried for each step count by default: the teacher (0) to a 1.5x extrapolation of the student
-DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+#: the scales tried for each step count by default: the teacher (0) to a 2x extrapolation of the student
+DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 
 
 @dataclass
