@@ -64,7 +64,10 @@ def run_training(config: Config, *, resume: bool = False, overwrite: bool = Fals
     if config.train.mode == "distill" and config.eval.every:
         judge = Judge.for_data(split.train, split.holdout, cache_dir() / "classifiers", seed=config.eval.seed)
     result = train(config, builtin_setup(config, split, judge), resume=resume, overwrite=overwrite, progress=progress)
-    calibration = calibrate_model(config, result.model_dir)
+    calibration = None
+    if config.train.mode == "distill" and config.calibration.steps:
+        judge = judge or Judge.for_data(split.train, split.holdout, cache_dir() / "classifiers", seed=config.eval.seed)
+        calibration = calibrate_model(config, result.model_dir, judge)
     if calibration is not None and progress:
         print(f"calibrated scales per step count: {_scales_text(calibration)}")
     return result
@@ -142,7 +145,9 @@ def calibrate_run(run_dir: Path, overrides: list[str] | None = None):
     config = load_config(config_path, list(overrides or []))
     if is_diffusers_family(config.model.kind):
         raise ValueError(f"{run_dir} is a LoRA run: calibration is for built-in networks")
-    calibration = calibrate_model(config, model_dir)
+    split = load_split(config)
+    judge = Judge.for_data(split.train, split.holdout, cache_dir() / "classifiers", seed=config.eval.seed)
+    calibration = calibrate_model(config, model_dir, judge)
     if calibration is None:
         raise ValueError(f"{run_dir}: nothing to calibrate (train.mode={config.train.mode}, "
                          f"calibration.steps={list(config.calibration.steps)}, "

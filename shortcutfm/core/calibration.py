@@ -9,8 +9,11 @@ few-step samplers, it drifts from the teacher's instantaneous velocity that many
 
 ``a = 1`` is the student, ``a = 0`` the teacher, ``a > 1`` extrapolates (a few-step sampler that wants more of the
 student than it learnt). :func:`calibrate` picks, for each N, the scale whose N-step Euler samples are closest to
-the teacher's ``reference_steps``-step samples from the same noise (mean squared distance): a teacher-relative
-criterion that needs no data, so no held-out set is looked at.
+the teacher's ``reference_steps``-step samples from the same noise: a teacher-relative criterion that needs no
+data, so no held-out set is looked at. "Closest" is a ``distance(samples, reference)``: the mean squared distance
+of paired samples by default; the built-in trainer uses a distribution distance (energy distance, or Frechet
+distance in a classifier's features), since the paired distance prefers samples pulled towards the teacher's
+even where the student's own are as good (measured on digits: docs/results/step_calibration.md).
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ class StepCalibration:
     reference_steps: int = 32
     """Teacher Euler steps of the reference samples."""
     errors: dict[int, dict[float, float]] = field(default_factory=dict)
-    """N -> {a: mean squared distance to the reference} for every scale tried."""
+    """N -> {a: distance to the reference} for every scale tried."""
+    metric: str = "mse"
+    """The distance: "mse" (paired samples) or the name of a distribution distance (e.g. "energy_distance")."""
 
     def scale_for(self, steps: int) -> float:
         """The scale for ``steps``: its own, or that of the nearest calibrated step count (in log steps; ties go to
@@ -66,6 +71,7 @@ class StepCalibration:
             reference_steps=int(values.get("reference_steps", 32)),
             errors={int(n): {float(a): float(e) for a, e in table.items()}
                     for n, table in values.get("errors", {}).items()},
+            metric=str(values.get("metric", "mse")),
         )
 
 
@@ -81,6 +87,8 @@ def calibrate(
     reference_steps: int = 32,
     grid: Callable[[int], torch.Tensor] | None = None,
     batch_size: int | None = None,
+    distance: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+    metric: str = "mse",
     **cond: torch.Tensor,
 ) -> StepCalibration:
     """For each N in ``steps``, the scale (of ``scales``) whose N-step Euler samples from ``noise`` are closest to the
@@ -89,7 +97,8 @@ def calibrate(
     ``velocity_at(a)`` is the deployed model at scale ``a`` (e.g. ``WeightInterpolation(...).at``); ``teacher`` the
     guided teacher; ``cond`` per-sample conditioning. Grids: ``sigma_grid(n, shift)``, or ``grid(n)`` (e.g. a
     diffusers family's dynamic shift; ``shift`` is then only recorded). ``batch_size`` samples in chunks (large
-    models). On equal distances the scale nearest 1 wins.
+    models). ``distance(samples, reference)``: lower is closer (default: paired mean squared distance), recorded
+    as ``metric``. On equal distances the scale nearest 1 wins.
     """
     grid_of = grid if grid is not None else (lambda n: sigma_grid(n, shift))
     chunk = batch_size or len(noise)
@@ -102,25 +111,30 @@ def calibrate(
         return torch.cat(parts).float()
 
     reference = samples(teacher, reference_steps)
-    chosen, errors = choose_scales(lambda a, n: samples(velocity_at(a), n), reference, steps, scales)
-    return StepCalibration(chosen, shift if isinstance(shift, str) else float(shift), int(reference_steps), errors)
+    chosen, errors = choose_scales(lambda a, n: samples(velocity_at(a), n), reference, steps, scales, distance)
+    return StepCalibration(chosen, shift if isinstance(shift, str) else float(shift), int(reference_steps), errors,
+                           metric)
+
+
+def paired_mse(samples: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean squared distance of samples to the reference samples drawn from the same noise."""
+    return float((samples.float() - reference.float()).pow(2).mean())
 
 
 def choose_scales(
     sample_at: Callable[[float, int], torch.Tensor], reference: torch.Tensor, steps: Sequence[int],
-    scales: Sequence[float],
+    scales: Sequence[float], distance: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
 ) -> tuple[dict[int, float], dict[int, dict[float, float]]]:
     """The selection rule of :func:`calibrate` for any sampler: ``sample_at(a, n)`` gives n-step samples at scale
-    a from the noise of ``reference``; returns ``({n: best a}, {n: {a: mean squared distance}})``, ties to the scale
-    nearest 1."""
+    a from the noise of ``reference``; returns ``({n: best a}, {n: {a: distance}})``, ties to the scale nearest 1."""
+    distance = distance or paired_mse
     if not steps or any(n < 1 for n in steps):
         raise ValueError(f"calibration steps must be step counts >= 1, got {list(steps)}")
     if not scales:
         raise ValueError("calibration scales must hold at least one scale, e.g. [0.5, 1.0, 1.5]")
     chosen, errors = {}, {}
     for n in steps:
-        table = {float(a): float((sample_at(float(a), int(n)).float() - reference.float()).pow(2).mean())
-                 for a in scales}
+        table = {float(a): float(distance(sample_at(float(a), int(n)), reference)) for a in scales}
         errors[int(n)] = table
         chosen[int(n)] = min(table, key=lambda a: (table[a], abs(a - 1.0)))
     return chosen, errors

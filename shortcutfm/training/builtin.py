@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -52,13 +53,25 @@ def deployed_velocity(loaded: LoadedModel):
     return guide(loaded.module)
 
 
-def calibrate_model(config: Config, model_dir: Path) -> StepCalibration | None:
+def calibrate_model(config: Config, model_dir: Path, judge: Judge) -> StepCalibration | None:
     """Calibrate the distilled student in ``model_dir`` against its teacher (``train.teacher``) per
     ``calibration.steps`` at ``eval.select_shift`` and store the result beside it; None when the config asks for
-    none (``calibration.steps: []``, folded guidance, or pretraining)."""
+    none (``calibration.steps: []``, folded guidance, or pretraining).
+
+    Closeness is ``judge``'s primary metric (energy distance; Frechet distance in its classifier's features for
+    labelled images) with the teacher's 32-step samples as the reference, not the held-out data."""
     settings = config.calibration
     if config.train.mode != "distill" or not settings.steps or config.model.fold_guidance:
         return None
+    references: dict[int, Judge] = {}
+
+    def distance(samples: torch.Tensor, reference: torch.Tensor) -> float:
+        if id(reference) not in references:  # one judge (and its cached reference statistics) per reference
+            data = dataclasses.replace(judge.reference, x=reference, y=None)
+            references[id(reference)] = Judge(data, judge.primary, judge.classifier, judge.classifier_accuracy,
+                                              judge.seed)
+        return references[id(reference)].score(samples, primary_only=True)[judge.primary]
+
     student, teacher = load_model(model_dir), load_model(config.train.teacher)
     info = student.info
     guide = guidance_wrap(info.num_classes, info.model_config.guidance_scale)
@@ -67,7 +80,8 @@ def calibrate_model(config: Config, model_dir: Path) -> StepCalibration | None:
     noise = torch.randn((settings.num_samples, *info.sample_shape), generator=generator)
     cond = {"y": torch.arange(settings.num_samples) % info.num_classes} if info.num_classes else {}
     calibration = calibrate(lambda a: guide(interpolation.at(a)), guide(teacher.module), noise, settings.steps,
-                            scales=settings.scales, shift=float(config.eval.select_shift), **cond)
+                            scales=settings.scales, shift=float(config.eval.select_shift), distance=distance,
+                            metric=f"{judge.primary}_to_teacher32", **cond)
     save_calibration(model_dir, calibration, teacher.module.state_dict())
     return calibration
 
