@@ -24,8 +24,9 @@ MODELS = ("student", "student-uncalibrated")
 
 
 def report_of(run: Path) -> Path:
-    """The run's calibrated sweep: report/ when it has the student-uncalibrated rows, else report-calibrated/."""
-    for name in ("report", "report-calibrated"):
+    """The run's calibrated sweep: report-calibrated/ (a later calibration's sweep) if there is one, else report/ when
+    it has the student-uncalibrated rows; otherwise the run is calibrated and swept here."""
+    for name in ("report-calibrated", "report"):
         metrics = run / name / "metrics.json"
         if metrics.is_file() and any(r["model"] == "student-uncalibrated" for r in json.loads(metrics.read_text())["rows"]):
             return run / name

@@ -174,9 +174,13 @@ def calibrate_lora(config: Config, student, cache, model_dir: Path):
     settings = config.calibration
     if config.train.mode != "distill" or not settings.steps or config.model.fold_guidance:
         return None
+    trained = student.state_dict()  # put back afterwards: the caller's student keeps its final weights
     weights = load_file(str(Path(model_dir) / STUDENT_WEIGHTS))
     student.load_state_dict({name.removeprefix("transformer."): tensor for name, tensor in weights.items()})
-    calibration = lora_validation(config, student, cache).calibrate(settings.steps, settings.scales)
+    try:
+        calibration = lora_validation(config, student, cache).calibrate(settings.steps, settings.scales)
+    finally:
+        student.load_state_dict(trained)
     if int(os.environ.get("RANK", "0")) == 0:
         write_calibration(model_dir, calibration)
     return calibration
