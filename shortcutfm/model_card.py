@@ -19,7 +19,7 @@ CARD_NAME = "README.md"
 
 
 def _card_body(config: Config, state: TrainerState, pipeline_class: str, sampling_shift,
-               evaluation: str | None = None) -> str:
+               evaluation: str | None = None, calibration=None) -> str:
     lora, train, model = config.lora, config.train, config.model
     steps = config.eval.select_steps
     guidance = "the family's default" if model.guidance_scale is None else f"w = {model.guidance_scale:g}"
@@ -36,7 +36,10 @@ def _card_body(config: Config, state: TrainerState, pipeline_class: str, samplin
         "## How to sample", "",
         f"- **Steps:** {steps} Euler steps (the step count the checkpoint was selected on); 2-8 work.",
         f"- **Grid shift:** {sampling_shift} (`shortcutfm sample --shift` overrides it).",
-        "- **LoRA scale:** 1.0 (1 to 1.75 suits fewer steps).",
+        ("- **LoRA scale per step count** (calibrated: closest to the teacher's 32 steps; `shortcutfm sample` and "
+         "`eval` use it): " + ", ".join(f"{n} steps: {a:g}" for n, a in calibration.scales.items())
+         + "; in diffusers, `pipe.fuse_lora(lora_scale=...)` with the scale of your step count."
+         if calibration is not None else "- **LoRA scale:** 1.0 (1 to 1.75 suits fewer steps)."),
         f"- **Guidance:** {guidance}" + ("." if model.fold_guidance else ", as in training."), "",
         "```bash",
         f"shortcutfm sample RUN_DIR --prompt \"...\" --steps {steps}",
@@ -74,9 +77,12 @@ def write_model_card(model_dir: Path, config: Config, state: TrainerState, evalu
         base_model=config.model.pretrained or None, library_name="diffusers", pipeline_tag="text-to-image",
         tags=["lora", "text-to-image", "diffusers", "scfm", "few-step", "shortcutfm", family.name],
     )
+    from .models.diffusers.export import read_calibration
+
     shift = config.eval.select_shift
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n"
-                     + _card_body(config, state, family.pipeline_class.__name__, shift, evaluation))
+                     + _card_body(config, state, family.pipeline_class.__name__, shift, evaluation,
+                                  read_calibration(model_dir)))
     path = Path(model_dir) / CARD_NAME
     write_text_atomic(path, str(card), what="model card")
     return path

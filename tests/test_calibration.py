@@ -219,6 +219,8 @@ def test_a_lora_run_stores_its_calibration_beside_and_in_the_lora_file(lora_run)
         metadata = handle.metadata()
     assert StepCalibration.from_dict(json.loads(metadata[CALIBRATION_METADATA_KEY])) == calibration
     assert "lora_adapter_metadata" in metadata  # diffusers' own metadata is kept (alpha != rank loads right)
+    card = (result.model_dir / "README.md").read_text()  # the model card tells a diffusers user the scales
+    assert "LoRA scale per step count" in card and f"1 steps: {calibration.scales[1]:g}" in card
     (result.model_dir / "calibration.json").rename(result.model_dir / "moved.json")
     try:
         assert read_calibration(result.model_dir) == calibration  # the file's metadata alone suffices
