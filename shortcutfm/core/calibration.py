@@ -13,7 +13,7 @@ the teacher's ``reference_steps``-step samples from the same noise: a teacher-re
 data, so no held-out set is looked at. "Closest" is a ``distance(samples, reference)``: the mean squared distance
 of paired samples by default; the built-in trainer uses a distribution distance (energy distance, or Frechet
 distance in a classifier's features), since the paired distance prefers samples pulled towards the teacher's
-even where the student's own are as good (measured on digits: docs/results/step_calibration.md).
+even where the student's own are as good (measured on digits: docs/results/step_calibration_digits.md).
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def calibrate_model(config: Config, model_dir: Path, judge: Judge) -> StepCalibr
 
     def distance(samples: torch.Tensor, reference: torch.Tensor) -> float:
         if id(reference) not in references:  # one judge (and its cached reference statistics) per reference
-            data = dataclasses.replace(judge.reference, x=reference, y=None)
+            data = dataclasses.replace(judge.reference, x=reference, y=None, num_classes=0)
             references[id(reference)] = Judge(data, judge.primary, judge.classifier, judge.classifier_accuracy,
                                               judge.seed)
         return references[id(reference)].score(samples, primary_only=True)[judge.primary]
