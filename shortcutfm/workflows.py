@@ -67,7 +67,7 @@ def run_training(config: Config, *, resume: bool = False, overwrite: bool = Fals
     calibration = None
     if config.train.mode == "distill" and config.calibration.steps:
         judge = judge or Judge.for_data(split.train, split.holdout, cache_dir() / "classifiers", seed=config.eval.seed)
-        calibration = calibrate_model(config, result.model_dir, judge)
+        calibration = calibrate_model(config, result.model_dir, judge, split.train)
     if calibration is not None and progress:
         print(f"calibrated scales per step count: {_scales_text(calibration)}")
     return result
@@ -147,7 +147,7 @@ def calibrate_run(run_dir: Path, overrides: list[str] | None = None):
         raise ValueError(f"{run_dir} is a LoRA run: calibration is for built-in networks")
     split = load_split(config)
     judge = Judge.for_data(split.train, split.holdout, cache_dir() / "classifiers", seed=config.eval.seed)
-    calibration = calibrate_model(config, model_dir, judge)
+    calibration = calibrate_model(config, model_dir, judge, split.train)
     if calibration is None:
         raise ValueError(f"{run_dir}: nothing to calibrate (train.mode={config.train.mode}, "
                          f"calibration.steps={list(config.calibration.steps)}, "

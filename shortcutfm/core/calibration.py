@@ -11,9 +11,10 @@ few-step samplers, it drifts from the teacher's instantaneous velocity that many
 student than it learnt). :func:`calibrate` picks, for each N, the scale whose N-step Euler samples are closest to
 the teacher's ``reference_steps``-step samples from the same noise: a teacher-relative criterion that needs no
 data, so no held-out set is looked at. "Closest" is a ``distance(samples, reference)``: the mean squared distance
-of paired samples by default; the built-in trainer uses a distribution distance (energy distance, or Frechet
-distance in a classifier's features), since the paired distance prefers samples pulled towards the teacher's
-even where the student's own are as good (measured on digits: docs/results/step_calibration_digits.md).
+of paired samples by default (LoRA runs); the built-in trainer passes a distribution distance to the *training*
+data instead (energy distance, or Frechet distance in a classifier's features), since any teacher-relative
+distance pulls a student that is better than its teacher back towards it (measured on digits:
+docs/results/step_calibration_digits.md).
 """
 
 from __future__ import annotations

@@ -53,24 +53,25 @@ def deployed_velocity(loaded: LoadedModel):
     return guide(loaded.module)
 
 
-def calibrate_model(config: Config, model_dir: Path, judge: Judge) -> StepCalibration | None:
-    """Calibrate the distilled student in ``model_dir`` against its teacher (``train.teacher``) per
+def calibrate_model(config: Config, model_dir: Path, judge: Judge, train: ArrayDataset) -> StepCalibration | None:
+    """Calibrate the distilled student in ``model_dir`` (between it and its teacher, ``train.teacher``) per
     ``calibration.steps`` at ``eval.select_shift`` and store the result beside it; None when the config asks for
     none (``calibration.steps: []``, folded guidance, or pretraining).
 
     Closeness is ``judge``'s primary metric (energy distance; Frechet distance in its classifier's features for
-    labelled images) with the teacher's 32-step samples as the reference, not the held-out data."""
+    labelled images) to the *training* data, never the held-out split. The teacher's own samples are no reference
+    here: a student better than its teacher (digits) would be pulled back towards it
+    (docs/results/step_calibration_digits.md)."""
     settings = config.calibration
     if config.train.mode != "distill" or not settings.steps or config.model.fold_guidance:
         return None
-    references: dict[int, Judge] = {}
+    count = min(len(train), max(settings.num_samples, 2000))
+    rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.eval.seed))[:count]
+    reference = dataclasses.replace(train, x=train.x[rows], y=None, num_classes=0)
+    training_judge = Judge(reference, judge.primary, judge.classifier, judge.classifier_accuracy, judge.seed)
 
-    def distance(samples: torch.Tensor, reference: torch.Tensor) -> float:
-        if id(reference) not in references:  # one judge (and its cached reference statistics) per reference
-            data = dataclasses.replace(judge.reference, x=reference, y=None, num_classes=0)
-            references[id(reference)] = Judge(data, judge.primary, judge.classifier, judge.classifier_accuracy,
-                                              judge.seed)
-        return references[id(reference)].score(samples, primary_only=True)[judge.primary]
+    def distance(samples: torch.Tensor, teacher_samples: torch.Tensor) -> float:
+        return training_judge.score(samples, primary_only=True)[judge.primary]
 
     student, teacher = load_model(model_dir), load_model(config.train.teacher)
     info = student.info
@@ -81,7 +82,7 @@ def calibrate_model(config: Config, model_dir: Path, judge: Judge) -> StepCalibr
     cond = {"y": torch.arange(settings.num_samples) % info.num_classes} if info.num_classes else {}
     calibration = calibrate(lambda a: guide(interpolation.at(a)), guide(teacher.module), noise, settings.steps,
                             scales=settings.scales, shift=float(config.eval.select_shift), distance=distance,
-                            metric=f"{judge.primary}_to_teacher32", **cond)
+                            metric=f"{judge.primary}_to_training_data", **cond)
     save_calibration(model_dir, calibration, teacher.module.state_dict())
     return calibration
 
