@@ -76,3 +76,13 @@ def shard_optimizer_state(state: dict, params: list[torch.Tensor]) -> dict:
         out["state"][index] = {key: like(param, value) if torch.is_tensor(value) and value.shape == param.shape
                                else value for key, value in entries.items()}
     return out
+
+
+def reshard(module: nn.Module) -> None:
+    """Free the all-gathered parameters FSDP2 keeps after a forward without backward (the root keeps them by
+    default), so that every process holds only its shards again; a no-op for an unsharded module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for child in module.modules():
+        if isinstance(child, FSDPModule):
+            child.reshard()

@@ -180,6 +180,9 @@ def calibrate_lora(config: Config, student, cache, model_dir: Path):
     try:
         calibration = lora_validation(config, student, cache).calibrate(settings.steps, settings.scales)
     finally:
+        from .sharding import reshard
+
+        reshard(student.transformer)  # sampling without backward leaves a sharded root all-gathered
         student.load_state_dict(trained)
     if int(os.environ.get("RANK", "0")) == 0:
         write_calibration(model_dir, calibration)
