@@ -493,6 +493,9 @@ def demo(
         help="digits, t2i (the text-to-image proving ground), a toy (checkerboard, 8gaussians, moons, spirals, rings) or a .npz file."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output directory."),
     teacher_steps: int = typer.Option(8000, "--teacher-steps", help="Flow-matching steps when no bundled teacher exists."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher",
+        help="A trained teacher's model folder to distil (e.g. RUN/teacher/model of an earlier demo); default: the "
+             "bundled teacher, else one trained here."),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP + " Applied to the distillation."),
 ) -> None:
     """The whole story on the CPU: teacher, SCFM student, step sweep, report and figures."""
@@ -500,6 +503,8 @@ def demo(
 
     sampling_threads = _threads()
     if data == "t2i":
+        if teacher is not None:
+            _fail(ValueError("--teacher is for built-in and .npz data; the t2i demo distils its bundled pipeline"))
         from .t2i.demo import run_t2i_demo
         from .workflows import cache_dir
 
@@ -513,7 +518,8 @@ def demo(
         console.print(f"report: [bold]{report.out_dir / 'report.md'}[/]")
         return
     try:
-        result = run_demo(data, out, overrides or [], teacher_steps=teacher_steps, sweep_threads=sampling_threads)
+        result = run_demo(data, out, overrides or [], teacher_steps=teacher_steps, teacher=teacher,
+                          sweep_threads=sampling_threads)
     except USER_ERRORS as exc:
         _fail(exc)
     finally:

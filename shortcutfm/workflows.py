@@ -192,16 +192,20 @@ def run_demo(
     overrides: list[str] | None = None,
     *,
     teacher_steps: int = 8000,
+    teacher: Path | None = None,
     sweep_threads: int | None = None,
     progress: bool = True,
 ) -> DemoResult:
-    """Teacher (bundled, or ``teacher_steps`` of flow matching here), SCFM student, step sweep and report."""
+    """Teacher (``teacher``, else the bundled one, else ``teacher_steps`` of flow matching here), SCFM student,
+    step sweep and report."""
 
     out_dir = Path(out_dir)
     overrides = list(overrides or [])
-    teacher_dir = bundled_teacher(source)
+    teacher_dir = Path(teacher) if teacher is not None else bundled_teacher(source)
     notes = []
-    if teacher_dir is None:
+    if teacher is not None:
+        notes.append(f"Teacher: `{teacher_dir}`, given with --teacher.")
+    elif teacher_dir is None:
         teacher_config = load_config(
             resolve_config_path("pretrain"),
             [f"data.source={source}", f"train.output_dir={out_dir / 'teacher'}", f"train.steps={teacher_steps}"],

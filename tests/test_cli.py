@@ -113,3 +113,12 @@ def test_demo_end_to_end_writes_report(tmp_path, monkeypatch):
     for name in ("report.md", "energy_distance_vs_steps.png", "sliced_wasserstein2_vs_steps.png", "samples.png", "config.yaml"):
         assert (report / name).is_file(), name
     assert "| student | euler | 3 |" in result.output
+
+    # a second demo distils the first one's teacher (--teacher) instead of training another
+    again = run("demo", "--data", data, "--out", tmp_path / "again", "--teacher", out / "teacher" / "model",
+                "train.steps=3", "eval.every=0", "eval.sweep_samples=300", "eval.sweep_steps=[1]",
+                "eval.sweep_shifts=[1.0]", "calibration.steps=[]", "jumps.self_grids=[2,4]", "jumps.teacher_grid=8")
+    assert again.exit_code == 0, again.output
+    assert not (tmp_path / "again" / "teacher").exists()
+    student_config = (tmp_path / "again" / "student" / "config.yaml").read_text()
+    assert f"teacher: {out / 'teacher' / 'model'}" in student_config

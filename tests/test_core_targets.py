@@ -201,6 +201,30 @@ def test_dispatch_t_skip_four_first_half_then_second_half():
     torch.testing.assert_close(slow_sigmas[1], sig[:, 3], rtol=0, atol=0)
 
 
+def test_teacher_whole_jump_takes_every_teacher_sub_step_with_the_teacher():
+    """Folded guidance: teacher-taught rows are the teacher's own t_skip sub-steps; self-taught rows are unchanged
+    (fast EMA, then slow EMA)."""
+    log = []
+    cT, cF, cS = 2.0, -1.0, 4.0
+    spec = JumpSampling(t_skip=4, self_grids=(4, 8, 16), teacher_prob=0.5)
+    jumps = sample_jumps(48, spec, _gen(53))
+    x0 = torch.randn(48, 3, generator=_gen(54), dtype=F64)
+    noise = torch.randn(48, 3, generator=_gen(55), dtype=F64)
+    field = _recorders(log, cT, cF, cS)
+    field.teacher_whole_jump = True
+    out = scfm_targets(x0, noise, jumps, field)
+    sig, is_teacher = jumps.sigmas, jumps.mode == TEACHER
+    assert bool(is_teacher.any()) and bool((~is_teacher).any())
+    first_span, second_span = sig[:, 0] - sig[:, 2], sig[:, 2] - sig[:, 4]
+    first = torch.where(is_teacher, cT, cF).to(F64)
+    second = torch.where(is_teacher, cT, cS).to(F64)
+    expected = (first_span * first + second_span * second) / (first_span + second_span)
+    torch.testing.assert_close(out.target, expected.unsqueeze(1).expand(-1, 3), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.target[is_teacher], torch.full_like(out.target[is_teacher], cT))
+    assert [call[0] for call in log].count("teacher") == 4  # every sub-step, each on the teacher rows only
+    assert all(call[1].shape[0] == int(is_teacher.sum()) for call in log if call[0] == "teacher")
+
+
 def test_missing_teacher():
     log = []
     field = _recorders(log)

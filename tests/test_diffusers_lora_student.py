@@ -297,3 +297,5 @@ def test_folded_guidance_guides_the_teacher_only():
             with student.adapter(adapter):
                 plain = student.module(x, sigma, **cond)
             torch.testing.assert_close(velocity(x, sigma, **cond), plain)
+    # the slow EMA starts unguided: teacher-taught targets take the whole jump with the guided teacher
+    assert targets.teacher_whole_jump and not make_student("sd3", uncond=uncond, guidance_scale=w).target_velocities().teacher_whole_jump

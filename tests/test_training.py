@@ -228,6 +228,7 @@ def test_folded_guidance_on_labelled_data_trains_a_one_pass_student(tmp_path):
         assert isinstance(targets.teacher, ClassifierFreeGuidance)
         assert isinstance(student.velocity(), ClassifierFreeGuidance) is not fold
         assert isinstance(targets.slow_ema, ClassifierFreeGuidance) is not fold
+        assert targets.teacher_whole_jump is fold  # the folded student's EMAs start unguided
         result = run_training(config, progress=False)
         # a two-pass student samples (at each step count's calibrated scale) guided; a folded one plain
         deployed = for_steps(deployed_velocity(load_model(result.model_dir)), 3)

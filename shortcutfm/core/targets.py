@@ -30,6 +30,10 @@ class TargetVelocities:
     teacher: VelocityModel | None
     fast_ema: VelocityModel
     slow_ema: VelocityModel
+    teacher_whole_jump: bool = False
+    """Teacher-taught rows take every sub-step with the teacher, not only the first half. A student that folds
+    guidance in starts as the unguided model, so its slow EMA's half of a teacher-taught target would pull it back
+    towards the unguided flow; with the whole jump by the guided teacher those rows anchor it on the guided one."""
 
 
 @dataclass
@@ -80,6 +84,8 @@ def shortcut_displacement(
         sigma_k = sigmas[:, k].to(x.dtype)
         if k < t_skip // 2:
             v = _velocity_by_rows(first, mode, x, sigma_k, cond)
+        elif velocities.teacher_whole_jump:
+            v = _velocity_by_rows({TEACHER: velocities.teacher, SELF: velocities.slow_ema}, mode, x, sigma_k, cond)
         else:
             v = velocities.slow_ema(x, sigma_k, **cond).to(x.dtype)
         x = x + expand_like(sigmas[:, k + 1] - sigmas[:, k], x) * v

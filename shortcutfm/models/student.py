@@ -80,7 +80,7 @@ class FullStudent:
         teacher: if False (from-scratch training) no teacher copy is kept.
         guidance: applied to every velocity the student hands out (e.g. classifier-free guidance).
         fold_guidance: apply ``guidance`` to the teacher only: the student (and its EMAs) learn the guided teacher
-            in one plain pass.
+            in one plain pass; teacher-taught targets then take every sub-step with the guided teacher.
     """
 
     def __init__(self, model: nn.Module, schedule: EMASchedule, *, teacher: bool = True, guidance: Wrap = no_wrap,
@@ -88,6 +88,7 @@ class FullStudent:
         self.module = model
         self._guide_teacher = guidance
         self._guide = no_wrap if fold_guidance else guidance
+        self.fold_guidance = fold_guidance
         self.teacher = None
         if teacher:
             self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
@@ -129,6 +130,7 @@ class FullStudent:
             teacher=self._guide_teacher(self.teacher) if self.teacher is not None else None,
             fast_ema=self._shadow_velocity(self.emas.fast.shadow),
             slow_ema=self._shadow_velocity(self.emas.slow.shadow),
+            teacher_whole_jump=self.fold_guidance,
         )
 
     def ema_velocity(self) -> VelocityModel:

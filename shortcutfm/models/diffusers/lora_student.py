@@ -56,7 +56,8 @@ class LoraStudent:
         uncond: empty-prompt embeddings (1, ...) for real-CFG families (``family.encode_prompts(...).uncond``).
         guidance_scale: CFG scale ``w`` for real-CFG families (None = the family's default).
         fold_guidance: guide the teacher only; the student and its EMAs learn the guided teacher in one
-            conditional pass (the exported LoRA then samples with guidance off).
+            conditional pass (the exported LoRA then samples with guidance off); teacher-taught targets take every
+            sub-step with the guided teacher.
         gradient_checkpointing: recompute transformer blocks in the backward pass.
     """
 
@@ -107,6 +108,7 @@ class LoraStudent:
         self.emas = StudentEMAs(schedule, slow_shadow=shadows[SLOW_EMA], fast_shadow=shadows.get(FAST_EMA))
         self._guide_teacher = self.family.guidance.wrap(uncond, guidance_scale)
         self._guide = (lambda model: model) if fold_guidance else self._guide_teacher
+        self.fold_guidance = fold_guidance
 
     @classmethod
     def from_pretrained(
@@ -169,6 +171,7 @@ class LoraStudent:
             teacher=self._guide_teacher(_AdapterVelocity(self, None)),
             fast_ema=self._guide(_AdapterVelocity(self, fast)),
             slow_ema=self._guide(_AdapterVelocity(self, SLOW_EMA)),
+            teacher_whole_jump=self.fold_guidance,
         )
 
     def ema_velocity(self) -> VelocityModel:
