@@ -28,6 +28,9 @@ STEPS = (1, 2, 3, 4, 8, 16, 32)
 
 def variant_rows(label: str, runs: list[Path], shift: float) -> tuple[list[str], dict[str, float]]:
     """Table lines of one variant (as trained, calibrated) and its acceptance figures."""
+    for run in runs:
+        if not any((run / name / "metrics.json").is_file() for name in ("report", "report-calibrated")):
+            raise SystemExit(f"{run}: no report/metrics.json yet (is the demo still running?)")
     all_rows = [json.loads((report_of(run) / "metrics.json").read_text())["rows"] for run in runs]
     metric = next(r["metric"] for r in all_rows[0] if r["model"] == "student")
 
