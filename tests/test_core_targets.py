@@ -181,14 +181,21 @@ def test_dispatch_t_skip_two():
     torch.testing.assert_close(sigma, sig[shortcut, 1], rtol=0, atol=0)
 
 
+def _t_skip_four_targets(log, cT, cF, cS, seed, *, teacher_whole_jump=False):
+    """Targets of 48 rows of 4-cell jumps (teacher and self rows) from constant recorders; returns (out, jumps)."""
+    spec = JumpSampling(t_skip=4, self_grids=(4, 8, 16), teacher_prob=0.5)
+    jumps = sample_jumps(48, spec, _gen(seed))
+    x0 = torch.randn(48, 3, generator=_gen(seed + 1), dtype=F64)
+    noise = torch.randn(48, 3, generator=_gen(seed + 2), dtype=F64)
+    field = _recorders(log, cT, cF, cS)
+    field.teacher_whole_jump = teacher_whole_jump
+    return scfm_targets(x0, noise, jumps, field), jumps
+
+
 def test_dispatch_t_skip_four_first_half_then_second_half():
     log = []
     cT, cF, cS = 2.0, -1.0, 4.0
-    spec = JumpSampling(t_skip=4, self_grids=(4, 8, 16), teacher_prob=0.5)
-    jumps = sample_jumps(48, spec, _gen(50))
-    x0 = torch.randn(48, 3, generator=_gen(51), dtype=F64)
-    noise = torch.randn(48, 3, generator=_gen(52), dtype=F64)
-    out = scfm_targets(x0, noise, jumps, _recorders(log, cT, cF, cS))
+    out, jumps = _t_skip_four_targets(log, cT, cF, cS, 50)
     names = [call[0] for call in log]
     assert sorted(names[:4]) == ["fast", "fast", "teacher", "teacher"] and names[4:] == ["slow", "slow"]
     sig = jumps.sigmas
@@ -206,13 +213,7 @@ def test_teacher_whole_jump_takes_every_teacher_sub_step_with_the_teacher():
     (fast EMA, then slow EMA)."""
     log = []
     cT, cF, cS = 2.0, -1.0, 4.0
-    spec = JumpSampling(t_skip=4, self_grids=(4, 8, 16), teacher_prob=0.5)
-    jumps = sample_jumps(48, spec, _gen(53))
-    x0 = torch.randn(48, 3, generator=_gen(54), dtype=F64)
-    noise = torch.randn(48, 3, generator=_gen(55), dtype=F64)
-    field = _recorders(log, cT, cF, cS)
-    field.teacher_whole_jump = True
-    out = scfm_targets(x0, noise, jumps, field)
+    out, jumps = _t_skip_four_targets(log, cT, cF, cS, 53, teacher_whole_jump=True)
     sig, is_teacher = jumps.sigmas, jumps.mode == TEACHER
     assert bool(is_teacher.any()) and bool((~is_teacher).any())
     first_span, second_span = sig[:, 0] - sig[:, 2], sig[:, 2] - sig[:, 4]
