@@ -13,9 +13,10 @@ Writes ``DIR/metrics.json``: rows ``experiment``, ``model``, ``sampler``, ``step
 * ``pretrain``: the teacher's transformer trained from scratch on the teacher's real-image cache for the same
   optimiser steps with plain flow matching (``pretrain-fm``) and with SCFM rows mixed in (``pretrain-scfm``,
   ``jumps.flow_fraction`` < 1), swept at 1-32 steps, with ``seconds_per_step`` rows;
-* ``style``: an ordinary LoRA (plain flow matching, unguided) trained on the teacher for a fixed purple background,
-  loaded with the ``full`` SCFM LoRA in the stock ``StableDiffusion3Pipeline`` (``set_adapters``); ``style_rate``
-  (the share of images whose corners are purple) of ``student+style`` at 3 steps and ``teacher+style`` at 32.
+* ``style``: an ordinary LoRA (plain flow matching, unguided) trained on the teacher for a fixed white background
+  whatever the caption says, loaded with the ``full`` SCFM LoRA in the stock ``StableDiffusion3Pipeline``
+  (``set_adapters``); ``style_rate`` (the share of images whose border is white) of ``student+style`` at 3 steps
+  and ``teacher+style`` at 32, on held-out prompts that ask for another background (so without the LoRA it is 0).
 
 Trainings run two at a time in separate processes (one torch thread each); the sweep samples every model with
 the same noise in one pass.
@@ -39,7 +40,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-STYLE_COLOUR = (0.55, 0.15, 0.7)  # the style LoRA's background
+# The style LoRA's background. It must be one the world's VAE can draw: the VAE was trained on grey backgrounds
+# only and decodes a purple one (tried first) as mid-grey, so no LoRA on the transformer could show it.
+STYLE_BACKGROUND = "white"
 STYLE_TOLERANCE = 0.15
 
 
@@ -160,7 +163,7 @@ def _resumed_step(run_dir: Path) -> int:
 
 @reusing_finished
 def _style_job(job: dict) -> dict:
-    """An ordinary LoRA: plain flow matching (flow_fraction 1, unguided) on renders with a purple background."""
+    """An ordinary LoRA: plain flow matching (flow_fraction 1, unguided) on renders with the style background."""
     torch.set_num_threads(1)
     from shortcutfm.preparation import prepare_from_folder
     from shortcutfm.t2i.demo import demo_config
@@ -182,7 +185,8 @@ def _style_job(job: dict) -> dict:
 
 
 def write_style_folder(folder: Path, count: int, seed: int) -> None:
-    """World renders whose background is :data:`STYLE_COLOUR`, captioned as usual (the style is not in words)."""
+    """World renders whose background is always :data:`STYLE_BACKGROUND`, captioned as drawn before the change (so
+    the caption may ask for another background: the style overrides it, and is not in words)."""
     from PIL import Image
 
     from shortcutfm.t2i import world
@@ -191,20 +195,37 @@ def write_style_folder(folder: Path, count: int, seed: int) -> None:
     scenes = world.random_scenes(count, seed + 991, "train")
     images = world.render_many(scenes, seed + 992)
     texts = world.captions_for(scenes, seed + 993)
+    colour = np.array(style_colour(), dtype=np.float32)[:, None, None]
     for index, (scene, image, text) in enumerate(zip(scenes, images, texts)):
         background = np.array(world.BACKGROUNDS[scene.background], dtype=np.float32)[:, None, None]
         is_background = np.abs(image - background).max(axis=0) < 1e-4
-        image = np.where(is_background[None], np.array(STYLE_COLOUR, dtype=np.float32)[:, None, None], image)
+        image = np.where(is_background[None], colour, image)
         Image.fromarray((image.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(folder / f"{index:06d}.png")
         (folder / f"{index:06d}.txt").write_text(text + "\n")
 
 
+def style_colour() -> tuple[float, float, float]:
+    from shortcutfm.t2i import world
+
+    return world.BACKGROUNDS[STYLE_BACKGROUND]
+
+
+def style_prompts(count: int, seed: int) -> list[str]:
+    """Held-out captions that ask for a background other than the style's, so that only the LoRA can make it."""
+    from shortcutfm.t2i import world
+
+    scenes = [s for s in world.random_scenes(count, seed, split="heldout") if s.background != STYLE_BACKGROUND]
+    return world.captions_for(scenes, seed + 1)
+
+
 def style_rate(images: np.ndarray) -> float:
-    """Share of (N, H, W, 3) uint8 images whose four 3x3 corners all average within tolerance of the style colour."""
+    """Share of (N, H, W, 3) uint8 images showing the style: at least half of the pixels of their outer 2-pixel
+    ring within tolerance of the style colour (an object may cover a corner, never half the ring)."""
     pixels = images.astype(np.float32) / 255
-    corners = [pixels[:, :3, :3], pixels[:, :3, -3:], pixels[:, -3:, :3], pixels[:, -3:, -3:]]
-    close = [np.abs(c.mean(axis=(1, 2)) - np.array(STYLE_COLOUR)).max(axis=1) < STYLE_TOLERANCE for c in corners]
-    return float(np.mean(np.all(close, axis=0)))
+    ring = np.ones(pixels.shape[1:3], dtype=bool)
+    ring[2:-2, 2:-2] = False
+    close = np.abs(pixels[:, ring] - np.array(style_colour())).max(axis=-1) < STYLE_TOLERANCE
+    return float(np.mean(close.mean(axis=1) >= 0.5))
 
 
 # ---------------------------------------------------------------- measuring
@@ -336,9 +357,9 @@ def run_claims(out: Path, settings: ClaimSettings, *, demo_run: Path | None = No
     for name in pretrained:
         table.append({"experiment": "pretrain", "model": name, "sampler": "-", "steps": 0, "nfe": 0, "shift": 0.0,
                       "metric": "seconds_per_step", "value": results[name]["seconds_per_step"]})
-    style_prompts = ev.held_out_prompts(min(settings.eval_prompts, 256), preset.eval.seed + 5)
     table += measure_style(pipeline, Path(results["full"]["model_dir"]), Path(results["style-lora"]["model_dir"]),
-                           style_prompts, w, preset.eval.select_shift, preset.eval.seed)
+                           style_prompts(min(settings.eval_prompts, 256), preset.eval.seed + 5), w,
+                           preset.eval.select_shift, preset.eval.seed)
     payload = {"rows": table, "judge_held_out_accuracy": accuracy, "train_seconds": trained,
                "total_seconds": time.perf_counter() - started}
     (out / "metrics.json").write_text(json.dumps(payload, indent=2))

@@ -36,11 +36,13 @@ def test_quick_claims_run_writes_every_experiment(tmp_path, monkeypatch):
     assert (tmp_path / "claims" / "report.md").is_file() and (tmp_path / "claims" / "config.json").is_file()
 
 
-def test_style_rate_reads_the_style_colour_in_the_corners():
+def test_style_rate_reads_the_style_colour_on_the_border():
     styled = np.zeros((4, 32, 32, 3), dtype=np.uint8)
-    styled[:] = (np.array(t2i_claims.STYLE_COLOUR) * 255).astype(np.uint8)
-    styled[1] = 255  # a white background
-    styled[2, :3, :3] = 0  # one corner not styled
+    styled[:] = (np.array(t2i_claims.style_colour()) * 255).round().astype(np.uint8)
+    styled[1] = 128  # a gray background
+    styled[2, :3, :3] = 0  # one corner covered: still styled
+    styled[3, :, :16] = 0  # half the image another colour: more than half the ring is not styled
+    styled[3, :2, 16:] = 0
     assert t2i_claims.style_rate(styled) == 0.5
 
 
@@ -56,6 +58,32 @@ def test_style_folder_changes_only_the_background(tmp_path):
         styled = np.asarray(Image.open(tmp_path / f"{index:06d}.png")).astype(np.float32) / 255
         plain = original.transpose(1, 2, 0)
         corner = styled[0, 0]
-        assert np.abs(corner - np.array(t2i_claims.STYLE_COLOUR)).max() < 0.01
+        assert np.abs(corner - np.array(t2i_claims.style_colour())).max() < 0.01
         background = np.abs(plain - np.array(world.BACKGROUNDS[scenes[index].background])).max(axis=2) < 1e-4
         assert np.abs(styled[~background] - plain[~background]).max() <= 1 / 255 + 1e-6
+
+
+def test_style_prompts_never_ask_for_the_style_background():
+    from shortcutfm.t2i import world
+
+    prompts = t2i_claims.style_prompts(60, seed=3)
+    assert 0 < len(prompts) < 60
+    assert not any(t2i_claims.STYLE_BACKGROUND in p for p in prompts)
+    assert all(any(name in p for name in world.BACKGROUNDS) for p in prompts)
+
+
+def test_the_bundled_vae_draws_the_style_background(tmp_path):
+    """The style must survive the world VAE (a purple one came back mid-grey, so no LoRA could ever show it)."""
+    from PIL import Image
+
+    from shortcutfm.t2i.evaluate import load_world_pipeline
+
+    t2i_claims.write_style_folder(tmp_path, 4, seed=1)
+    images = np.stack([np.asarray(Image.open(tmp_path / f"{i:06d}.png")) for i in range(4)])
+    vae = load_world_pipeline(Path(t2i_claims.__file__).resolve().parents[1] / "shortcutfm/assets/t2i/pipeline").vae
+    with torch.no_grad():
+        x = torch.tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        decoded = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).to(torch.uint8).numpy()
+    assert t2i_claims.style_rate(images) == 1.0
+    assert t2i_claims.style_rate(decoded) == 1.0
