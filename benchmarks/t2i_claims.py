@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -97,6 +99,8 @@ def reusing_finished(function):
             stored = json.loads(path.read_text())
             if stored.get("job") == job:
                 return stored["result"]
+            # a finished job of another description (an older recipe): its checkpoints must not be resumed
+            shutil.rmtree(job["out"])
         result = function(job)
         path.write_text(json.dumps({"job": job, "result": result}, indent=2))
         return result
@@ -286,9 +290,14 @@ def run_claims(out: Path, settings: ClaimSettings, *, demo_run: Path | None = No
     (out / "config.json").write_text(json.dumps({**asdict(settings), "pipeline": str(pipeline),
                                                  "demo_run": str(demo_run) if demo_run else None}, indent=2))
 
+    # The preset's resolved values are part of every job, so a finished job is reused only while the recipe it was
+    # trained with is still the preset's (a changed learning rate retrains it).
+    recipe = hashlib.sha256(json.dumps(asdict(preset), default=str, sort_keys=True).encode()).hexdigest()[:16]
+
     def student(name, kind, count):
         return {"name": name, "kind": kind, "count": count, "out": str(out / name), "pipeline": str(pipeline),
-                "seed": settings.seed, "overrides": [f"train.steps={settings.student_steps}", *settings.overrides]}
+                "seed": settings.seed, "overrides": [f"train.steps={settings.student_steps}", *settings.overrides],
+                "recipe": recipe}
 
     jobs = []
     if demo_run is None:
@@ -303,7 +312,7 @@ def run_claims(out: Path, settings: ClaimSettings, *, demo_run: Path | None = No
                                          "batch": settings.pretrain_batch, "flow_fraction": fraction,
                                          "overrides": settings.pretrain_overrides}))
     jobs.append((_style_job, {"name": "style-lora", "out": str(out / "style-lora"), "pipeline": str(pipeline),
-                              "count": settings.style_images, "steps": settings.style_steps, "seed": settings.seed,
+                              "count": settings.style_images, "steps": settings.style_steps, "seed": settings.seed, "recipe": recipe,
                               "overrides": [o for o in settings.overrides if not o.startswith("eval.")]}))
     if only:
         unknown = set(only) - {job["name"] for _, job in jobs}

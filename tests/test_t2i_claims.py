@@ -87,3 +87,21 @@ def test_the_bundled_vae_draws_the_style_background(tmp_path):
     decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).to(torch.uint8).numpy()
     assert t2i_claims.style_rate(images) == 1.0
     assert t2i_claims.style_rate(decoded) == 1.0
+
+
+def test_a_finished_job_is_reused_only_for_the_same_recipe(tmp_path):
+    seen = []
+
+    @t2i_claims.reusing_finished
+    def train(job):
+        out = Path(job["out"])
+        seen.append(sorted(p.name for p in out.iterdir()) if out.exists() else None)  # what a resume would find
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "checkpoint").write_text(job["recipe"])
+        return {"recipe": job["recipe"]}
+
+    job = {"name": "x", "out": str(tmp_path / "x"), "recipe": "lr-1e-3"}
+    assert train(job) == {"recipe": "lr-1e-3"} and seen == [None]
+    assert train(dict(job)) == {"recipe": "lr-1e-3"} and len(seen) == 1  # reused, not trained again
+    assert train({**job, "recipe": "lr-3e-4"}) == {"recipe": "lr-3e-4"}
+    assert seen[-1] is None  # the old recipe's checkpoints were removed, not resumed
