@@ -182,7 +182,9 @@ def _style_job(job: dict) -> dict:
                         model_id=str(pipeline), show_progress=False)
     config = demo_config(out, pipeline, [
         "jumps.flow_fraction=1.0", "model.guidance_scale=0.0", "eval.every=0", f"train.steps={job['steps']}",
-        "jumps.shift_range=[1.0, 3.0]", "jumps.alt_shift_prob=0.0", *job["overrides"],
+        "jumps.shift_range=[1.0, 3.0]", "jumps.alt_shift_prob=0.0",
+        "calibration.steps=[]",  # an ordinary LoRA, loaded at weight 1: no step-count scales to find
+        *job["overrides"],
     ])
     result = run_training(config, resume=True, progress=False)  # a killed claims run continues where it stopped
     return {"name": job["name"], "model_dir": str(result.model_dir)}
