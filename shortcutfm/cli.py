@@ -146,9 +146,12 @@ def evaluate(
     run_dir = Path(arguments.pop(0)) if arguments and "=" not in arguments[0] else None
     try:
         if run_dir is not None or lora is not None:
-            report = _evaluate_lora(run_dir, arguments, out=out, pipeline=pipeline, lora=lora, prompts=prompts,
-                                    steps=steps, reference=reference, clip=clip, inception_weights=inception_weights,
-                                    no_fid=no_fid, num_prompts=num_prompts, lora_scale=lora_scale)
+            from .evaluation.lora_run import evaluate_lora_model
+
+            report = evaluate_lora_model(run_dir, arguments, out=out, pipeline=pipeline, lora=lora, prompts=prompts,
+                                         steps=_step_list(steps) if steps else None, reference=reference, clip=clip,
+                                         inception_weights=inception_weights, no_fid=no_fid,
+                                         num_prompts=num_prompts, lora_scale=lora_scale)
         else:
             from .models.builtin import load_model
             from .workflows import evaluate_models
@@ -173,79 +176,6 @@ def _step_list(text: str) -> tuple[int, ...]:
     if not values:
         raise ValueError("--steps names no step count")
     return values
-
-
-def _evaluate_lora(run_dir, arguments, *, out, pipeline, lora, prompts, steps, reference, clip, inception_weights,
-                   no_fid, num_prompts, lora_scale):
-    """`shortcutfm eval` for a LoRA: a run (its config supplies pipeline, shift, guidance, size) or --pipeline/--lora."""
-    from .config import load_config
-    from .sampling import _cache_layout, find_lora_dir
-
-    cfg = None
-    if run_dir is not None:
-        run_config = run_dir / "config.yaml"
-        if not run_config.is_file():
-            raise FileNotFoundError(f"{run_config} not found: RUN must be a training run folder (train.output_dir)")
-        cfg = load_config(run_config, arguments)
-        if cfg.train.mode != "distill" or cfg.model.kind in ("auto", "mlp", "convnet"):
-            raise ValueError(f"{run_dir} is not a LoRA run (built-in models: --teacher/--student)")
-    elif arguments:
-        raise ValueError(f"config overrides {arguments} need RUN (a training run folder)")
-    if lora is not None:
-        lora_dir = find_lora_dir(lora)
-        if lora_dir is None:
-            raise FileNotFoundError(f"--lora {lora}: no pytorch_lora_weights.safetensors there (or in its model/)")
-    else:  # the deployed model; a run stopped before its end has only best/ (the best checkpoint so far)
-        lora_dir = next((d for d in (run_dir / "model", run_dir / "best") if d.is_dir()), run_dir)
-    pretrained = pipeline or (cfg.model.pretrained if cfg else None)
-    if not pretrained:
-        raise ValueError("--lora needs --pipeline (the base pipeline the LoRA was trained on)")
-    if prompts is None:
-        from .t2i.evaluate import is_world_pipeline, training_guidance_scale
-
-        if cfg is None or not is_world_pipeline(pretrained):
-            raise ValueError("give --prompts FILE (one prompt per line) to evaluate a LoRA with FID and CLIP score")
-        from .t2i.demo import evaluate_lora_run
-        from .workflows import cache_dir
-
-        folded = {"student_guidance_scale": 0.0, "student_name": "student-1pass"} if cfg.model.fold_guidance else {}
-        return evaluate_lora_run(Path(pretrained), lora_dir, out, guidance_scale=training_guidance_scale(cfg), **folded,
-                                 shift=cfg.eval.select_shift, num_prompts=num_prompts, seed=cfg.eval.seed,
-                                 lora_scale=lora_scale, cache_dir=cache_dir() / "t2i")
-    from .evaluation.lora_eval import LoraEvalSettings, evaluate_lora, inception_features
-    from .preparation.inputs import read_prompt_file
-
-    layout = _cache_layout(cfg.data.source) if cfg else None
-    settings = LoraEvalSettings(
-        pipeline=str(pretrained), lora_dir=str(lora_dir), prompts=read_prompt_file(prompts)[:num_prompts],
-        steps=_step_list(steps) if steps else (cfg.eval.sweep_steps if cfg else (1, 2, 3, 4, 8)),
-        shift=cfg.eval.select_shift if cfg else None, guidance=cfg.model.guidance_scale if cfg else None,
-        student_guidance=0.0 if cfg and cfg.model.fold_guidance else None,
-        lora_scale=lora_scale, seed=cfg.eval.seed if cfg else 1234,
-        height=layout["height"] if layout else None, width=layout["width"] if layout else None,
-        max_sequence_length=layout["max_sequence_length"] if layout else None,
-        reference_dir=str(reference) if reference else None,
-    )
-    if reference is not None and not reference.is_dir():
-        raise FileNotFoundError(f"--reference {reference}: folder not found")
-    weights = str(inception_weights) if inception_weights else None
-    features = None if no_fid else inception_features(weights)
-    report = evaluate_lora(settings, out, fid_features=features, inception_weights=weights, clip=clip)
-    if run_dir is not None and lora is None and (lora_dir / "README.md").is_file():
-        _card_with_evaluation(run_dir, lora_dir, cfg, report.markdown)
-    return report
-
-
-def _card_with_evaluation(run_dir: Path, model_dir: Path, cfg, table: str) -> None:
-    """Rewrite the run's model card with the evaluation table."""
-    import json
-
-    from .model_card import write_model_card
-    from .training.checkpoint import TrainerState
-
-    state_file = run_dir / "trainer_state.json"
-    if state_file.is_file():
-        write_model_card(model_dir, cfg, TrainerState(**json.loads(state_file.read_text())), evaluation=table)
 
 
 @app.command()
