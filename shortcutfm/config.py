@@ -40,15 +40,10 @@ class DataConfig:
     """Training samples drawn for a 2-D toy distribution."""
     split_seed: int = 0
     """Seed of the train/held-out split (fixed across training seeds so runs compare on the same data)."""
-    caption_shuffle: float = 0.0
-    """Probability that a training row takes the conditioning (caption or label) of another example; for few-shot
-    distillation, where a handful of captions would otherwise be all the student sees. 0 in from-scratch training."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ConfigError(f"data.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
-        if not 0.0 <= self.caption_shuffle < 1.0:
-            raise ConfigError(f"data.caption_shuffle must be in [0, 1), got {self.caption_shuffle}")
 
 
 @dataclass
@@ -432,10 +427,6 @@ def check_sections(config: Config) -> None:
     kind, mode = config.model.kind, config.train.mode
     where = f"model.kind={kind}" + (f", train.mode={mode}" if mode == "pretrain" else "")
     unused: list[str] = []
-    if config.data.caption_shuffle and (mode == "pretrain" or config.jumps.flow_fraction > 0):
-        raise ConfigError(f"data.caption_shuffle={config.data.caption_shuffle:g} would give plain flow-matching rows "
-                          "(train.mode=pretrain or jumps.flow_fraction > 0) a caption their image was not made from; "
-                          "set data.caption_shuffle=0 or jumps.flow_fraction=0 with train.mode=distill")
     calibration = [f"calibration.{f.name}" for f in dataclasses.fields(config.calibration)
                    if _changed(config.calibration, f.name)]
     if kind in DIFFUSERS_KINDS:

@@ -192,48 +192,6 @@ def test_label_dropout_replaces_labels_by_the_null_label_at_its_rate():
     assert label_dropout(0, 0.5)({}, generator) == {}
 
 
-class _Captioned:
-    """A BatchSource whose example i has data i and a two-tensor caption that encodes i."""
-
-    def __init__(self, count: int):
-        self.count = count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def get(self, indices):
-        return indices.float()[:, None], {"embeds": indices.float()[:, None, None].expand(-1, 3, 2) * 10,
-                                          "pooled": indices.float()[:, None] * 100}
-
-
-def test_caption_shuffle_swaps_whole_captions_at_its_rate_and_keeps_the_data():
-    from shortcutfm.training.setup import draw_batch
-
-    data, indices = _Captioned(50), torch.randint(50, (20_000,), generator=torch.Generator().manual_seed(0))
-    x0, kept = draw_batch(data, indices, 0.0, torch.Generator().manual_seed(1))
-    assert torch.equal(x0[:, 0], indices.float()) and torch.equal(kept["pooled"][:, 0], indices.float() * 100)
-    x0, cond = draw_batch(data, indices, 0.3, torch.Generator().manual_seed(1))
-    assert torch.equal(x0[:, 0], indices.float())  # the points never change
-    source = cond["pooled"][:, 0] / 100  # the example each row's caption came from
-    assert torch.equal(cond["embeds"], source[:, None, None].expand(-1, 3, 2) * 10)  # every tensor from one donor
-    assert torch.equal(source, source.round()) and bool(((source >= 0) & (source < 50)).all())
-    changed = (source != indices.float()).float().mean().item()
-    expected = 0.3 * 49 / 50  # a donor can be the row's own example
-    assert abs(changed - expected) < 5 * (expected * (1 - expected) / 20_000) ** 0.5
-    assert draw_batch(_Captioned(4), torch.arange(4), 0.5, torch.Generator())[1].keys() == {"embeds", "pooled"}
-
-
-@pytest.mark.parametrize("extra", [["train.mode=pretrain"], ["jumps.flow_fraction=0.25"]])
-def test_caption_shuffle_is_refused_where_rows_learn_their_own_image(extra):
-    from shortcutfm.config import ConfigError, load_config
-
-    with pytest.raises(ConfigError, match=r"data\.caption_shuffle"):
-        load_config(None, ["data.caption_shuffle=0.5", *extra])
-    load_config(None, ["data.caption_shuffle=0.5"])
-    with pytest.raises(ConfigError, match=r"data\.caption_shuffle must be in \[0, 1\)"):
-        load_config(None, ["data.caption_shuffle=1.0"])
-
-
 def test_tensorboard_tracker_logs_loss_and_evaluations(tmp_path, teacher_dir, monkeypatch):
     pytest.importorskip("tensorboard")
     monkeypatch.setenv("SHORTCUTFM_CACHE", str(tmp_path / "cache"))

@@ -23,27 +23,6 @@ class BatchSource(Protocol):
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
-def draw_batch(data: BatchSource, indices: torch.Tensor, caption_shuffle: float,
-               generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Examples ``indices``; with ``caption_shuffle`` > 0, each row's conditioning is, with that probability, the
-    conditioning of another example drawn uniformly from ``data``.
-
-    Distillation targets are the teacher's velocities at any (point, condition) pair, so pairing a point with a
-    caption it was not made from is still a valid training row; with a handful of image-caption pairs it multiplies
-    the pairs the student sees (at high noise a point says little about its caption)."""
-    x0, cond = data.get(indices)
-    if caption_shuffle == 0.0 or not cond:
-        return x0, cond
-    swap = torch.rand(len(indices), generator=generator) < caption_shuffle
-    donors = torch.randint(len(data), (len(indices),), generator=generator)
-    _, donor_cond = data.get(donors)
-    shuffled = {}
-    for key, value in cond.items():
-        mask = swap.view(-1, *([1] * (value.ndim - 1)))
-        shuffled[key] = torch.where(mask, donor_cond[key].to(value.dtype), value)
-    return x0, shuffled
-
-
 @dataclass
 class Evaluation:
     metric: str  # e.g. "frechet_distance@3"

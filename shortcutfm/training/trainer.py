@@ -48,7 +48,7 @@ from .checkpoint import (
     save_checkpoint,
     step_name,
 )
-from .setup import TrainingSetup, draw_batch
+from .setup import TrainingSetup
 from .sharding import full_optimizer_state, full_tensors, like, shard_optimizer_state
 
 __all__ = ["train", "TrainResult", "NonFiniteError", "learning_rate", "step_generator", "MAX_RETRIES"]
@@ -308,7 +308,7 @@ def _loop(config, setup, accelerator, run_dir, state, optimizer, module, student
             raise NonFiniteError(_nonfinite_message(step, last_loss, last_norm, run_dir, MAX_RETRIES))
         generator = step_generator(config.train.seed, step, rank, attempt)
         indices = torch.randint(len(setup.data), (local_batch,), generator=generator)
-        x0, cond = draw_batch(setup.data, indices, config.data.caption_shuffle, generator)
+        x0, cond = setup.data.get(indices)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
         jumps = sample_jumps(
             local_batch, config.jumps, generator, num_tokens=setup.num_tokens, allow_teacher=setup.allow_teacher
