@@ -346,10 +346,11 @@ def run_claims(out: Path, settings: ClaimSettings, *, demo_run: Path | None = No
     w = ev.training_guidance_scale(preset)
     velocities = {"teacher": (ev.guided_velocity(pipe.transformer, prompts.uncond, w), sweep_plan(False)["teacher"])}
     students = ["full", *[f"fewshot-{k}" for k in settings.fewshot], *[f"data-{k}" for k in settings.data_sizes]]
-    for name in students:
-        transformer = ev.fused_lora_transformer(pipeline, Path(results[name]["model_dir"]))
-        velocities[name] = (ev.guided_velocity(transformer, prompts.uncond, w),
-                            tuple(("euler", n) for n in settings.student_sweep))
+    calibrations = {}
+    for name in students:  # each sampled as `shortcutfm sample` samples it: at its calibrated scale per step count
+        velocity, calibration = ev.lora_velocity(pipeline, Path(results[name]["model_dir"]), prompts.uncond, w)
+        velocities[name] = (velocity, tuple(("euler", n) for n in settings.student_sweep))
+        calibrations[name] = calibration.scales if calibration is not None else None
     pretrained = [name for name in ("pretrain-fm", "pretrain-scfm") if name in results]
     for name in pretrained:
         transformer = ev.load_world_pipeline(results[name]["model_dir"]).transformer
@@ -371,7 +372,8 @@ def run_claims(out: Path, settings: ClaimSettings, *, demo_run: Path | None = No
     table += measure_style(pipeline, Path(results["full"]["model_dir"]), Path(results["style-lora"]["model_dir"]),
                            style_prompts(min(settings.eval_prompts, 256), preset.eval.seed + 5), w,
                            preset.eval.select_shift, preset.eval.seed)
-    payload = {"rows": table, "judge_held_out_accuracy": accuracy, "train_seconds": trained,
+    payload = {"rows": table, "judge_held_out_accuracy": accuracy, "calibration": calibrations,
+               "train_seconds": trained,
                "total_seconds": time.perf_counter() - started}
     (out / "metrics.json").write_text(json.dumps(payload, indent=2))
     (out / "report.md").write_text(report_markdown(payload))
@@ -383,11 +385,17 @@ def lookup(rows: list[dict], **match) -> float | None:
     return found[0] if len(found) == 1 else None
 
 
+def _scales_text(scales: dict | None) -> str:
+    return ", ".join(f"{n} steps {a:g}" for n, a in scales.items()) if scales else "scale 1 (no calibration)"
+
+
 def report_markdown(payload: dict) -> str:
     rows = payload["rows"]
     experiments = list(dict.fromkeys(r["experiment"] for r in rows))
     lines = ["# SCFM claims on the t2i proving ground", "",
-             f"Training {payload['train_seconds']:.0f} s, total {payload['total_seconds']:.0f} s. Held-out prompts only.", "",
+             f"Training {payload['train_seconds']:.0f} s, total {payload['total_seconds']:.0f} s. Held-out prompts only.",
+             "Each student is sampled as `shortcutfm sample` samples it, at its calibrated LoRA scale per step count:",
+             *[f"- {name}: {_scales_text(scales)}" for name, scales in payload.get("calibration", {}).items()], "",
              "| experiment | model | sampler | steps | NFE | fd_data | fd_teacher | adherence | other |",
              "|---|---|---|---|---|---|---|---|---|"]
     for experiment in experiments:

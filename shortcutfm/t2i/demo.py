@@ -64,20 +64,7 @@ def evaluate_lora_run(pipeline_dir: Path, lora_dir: Path | None, out_dir: Path, 
     velocities = {"teacher": (ev.guided_velocity(pipe.transformer, prompts.uncond, guidance_scale), plan["teacher"])}
     calibration = None
     if lora_dir is not None:
-        from ..core.calibration import CalibratedVelocity
-        from ..models.diffusers.export import read_calibration
-
-        calibration = read_calibration(lora_dir) if lora_scale is None else None
-        fused: dict[float, object] = {}
-
-        def student_at(scale: float):
-            if scale not in fused:  # one fused copy of the transformer per distinct scale
-                transformer = ev.fused_lora_transformer(pipeline_dir, lora_dir, scale)
-                fused[scale] = ev.guided_velocity(transformer, prompts.uncond, student_w)
-            return fused[scale]
-
-        student = (CalibratedVelocity(student_at, calibration) if calibration is not None
-                   else student_at(1.0 if lora_scale is None else lora_scale))
+        student, calibration = ev.lora_velocity(pipeline_dir, lora_dir, prompts.uncond, student_w, lora_scale)
         velocities[student_name] = (student, plan["student"])
     for name, (transformer, model_plan) in (extra_models or {}).items():
         velocities[name] = (ev.guided_velocity(transformer, prompts.uncond, guidance_scale), model_plan)

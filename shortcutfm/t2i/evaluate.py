@@ -60,6 +60,28 @@ def fused_lora_transformer(pipeline_dir: str | Path, lora_dir: str | Path, lora_
     return fuse_lora(pipe, "scfm", lora_scale).transformer.eval().requires_grad_(False)
 
 
+def lora_velocity(pipeline_dir: str | Path, lora_dir: str | Path, uncond, guidance_scale: float,
+                  lora_scale: float | None = None):
+    """A LoRA student's guided velocity as ``shortcutfm sample`` samples it: each step count at its calibrated scale
+    (the LoRA's calibration.json), or every count at ``lora_scale`` (1 for a LoRA without calibration).
+    Returns ``(velocity, calibration or None)``; one fused copy of the transformer is made per distinct scale."""
+    from ..core.calibration import CalibratedVelocity
+    from ..models.diffusers.export import read_calibration
+
+    calibration = read_calibration(lora_dir) if lora_scale is None else None
+    fused: dict[float, object] = {}
+
+    def at(scale: float):
+        if scale not in fused:
+            fused[scale] = guided_velocity(fused_lora_transformer(pipeline_dir, lora_dir, scale), uncond,
+                                           guidance_scale)
+        return fused[scale]
+
+    if calibration is not None:
+        return CalibratedVelocity(at, calibration), calibration
+    return at(1.0 if lora_scale is None else lora_scale), None
+
+
 @dataclass
 class PromptSet:
     """Prompts with their scenes, text tensors, the empty prompt's, and one noise tensor per prompt."""
