@@ -314,7 +314,8 @@ def run_claims(out: Path, settings: ClaimSettings, *, demo_run: Path | None = No
                                          "batch": settings.pretrain_batch, "flow_fraction": fraction,
                                          "overrides": settings.pretrain_overrides}))
     jobs.append((_style_job, {"name": "style-lora", "out": str(out / "style-lora"), "pipeline": str(pipeline),
-                              "count": settings.style_images, "steps": settings.style_steps, "seed": settings.seed, "recipe": recipe,
+                              "count": settings.style_images, "steps": settings.style_steps, "seed": settings.seed,
+                              "recipe": recipe,
                               "overrides": [o for o in settings.overrides if not o.startswith("eval.")]}))
     if only:
         unknown = set(only) - {job["name"] for _, job in jobs}

@@ -76,11 +76,11 @@ def test_the_bundled_vae_draws_the_style_background(tmp_path):
     """The style must survive the world VAE (a purple one came back mid-grey, so no LoRA could ever show it)."""
     from PIL import Image
 
-    from shortcutfm.t2i.evaluate import load_world_pipeline
+    from shortcutfm.t2i.evaluate import BUNDLED_PIPELINE, load_world_pipeline
 
     t2i_claims.write_style_folder(tmp_path, 4, seed=1)
     images = np.stack([np.asarray(Image.open(tmp_path / f"{i:06d}.png")) for i in range(4)])
-    vae = load_world_pipeline(Path(t2i_claims.__file__).resolve().parents[1] / "shortcutfm/assets/t2i/pipeline").vae
+    vae = load_world_pipeline(BUNDLED_PIPELINE).vae
     with torch.no_grad():
         x = torch.tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
         decoded = vae.decode(vae.encode(x).latent_dist.mode()).sample
