@@ -207,8 +207,8 @@ class ValidationConfig:
     prompts: tuple[str, ...] = ()
     """Diffusers runs: validation prompts. At each validation the student samples them at ``steps`` and a grid
     (one row per prompt, the teacher's 32-step image last) goes to RUN/validation/ and the tracker; their
-    teacher-relative latent distance at eval.select_steps selects checkpoints. Empty: no grids, and
-    eval.num_samples rows cycling through the cached prompts (each with its own noise) select."""
+    teacher-relative latent distance at eval.select_steps selects checkpoints. Empty: no grids, and the first
+    eval.num_samples cached prompts select."""
     prompt_file: str = ""
     """A UTF-8 text file of validation prompts, one per line (instead of ``prompts``)."""
     steps: tuple[int, ...] = (1, 2, 4)
@@ -246,7 +246,7 @@ class CalibrationConfig:
     """The scales tried for every step count (1 = the student as trained, 0 = the teacher)."""
     num_samples: int = 2048
     """Built-in networks: noise samples (and training labels) the calibration compares on, drawn with eval.seed
-    (LoRA runs use the validation prompts, or eval.num_samples rows cycling through the cached ones)."""
+    (LoRA runs use the validation prompts, or eval.num_samples cached ones, and their noise)."""
 
     def __post_init__(self) -> None:
         self.steps, self.scales = tuple(self.steps), tuple(float(a) for a in self.scales)

@@ -103,24 +103,6 @@ def test_without_validation_prompts_the_cached_prompts_select_and_no_grid_is_dra
     assert result.state.history[0].metric == "latent_mse_to_teacher32@3"
 
 
-def test_a_cache_smaller_than_eval_num_samples_is_cycled_with_fresh_noise(tmp_path):
-    """A few-shot cache (4 images here) still gives eval.num_samples paired samples to select and calibrate on:
-    the rows cycle through the cached prompts, and every row has its own noise."""
-    pipe_dir = prepared(tmp_path)
-    config = load_config(resolve_config_path("sd3"), overrides(tmp_path, pipe_dir, "eval.num_samples=10"))
-    cache = LatentCache(tmp_path / "cache")
-    student = LoraStudent.from_pretrained("sd3", str(pipe_dir), lora=config.lora, schedule=config.ema,
-                                          dtype=torch.float32, uncond=cache.uncond,
-                                          guidance_scale=config.model.guidance_scale, gradient_checkpointing=False)
-    validation = lora_validation(config, student, cache)
-    captions = [info.caption for info in cache.records]
-    assert len(cache) == 4 and validation.prompts == [captions[i % 4] for i in range(10)]
-    assert len(validation.noise) == 10
-    assert (validation.noise[0] - validation.noise[4]).abs().max() > 0.1  # a repeated prompt, new noise
-    for name, values in validation.cond.items():  # a repeated row holds its prompt's own conditioning
-        assert len(values) == 10 and torch.equal(values[4], values[0]), name
-
-
 def test_grids_go_to_the_tracker():
     images = torch.rand(2, 3, 3, 4, 5)
     grid = ValidationGrid(images, ["a", "b"], ["s1", "s2", "teacher"])

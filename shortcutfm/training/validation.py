@@ -4,8 +4,8 @@ At each validation the student samples every prompt at ``validation.steps`` (the
 and every validation); the grid has one row per prompt and the teacher's 32-step image last. The metric that
 selects checkpoints is the *teacher-relative latent distance*: the mean squared difference between the
 student's ``eval.select_steps``-step latents and the teacher's 32-step latents from the same noise and prompts
-(``latent_mse_to_teacher32@N``), over the validation prompts, or when none are given over ``eval.num_samples`` rows
-that cycle through the cached prompts (each row with its own noise). The teacher's latents are sampled once.
+(``latent_mse_to_teacher32@N``), over the validation prompts, or over the first ``eval.num_samples`` cached
+prompts when none are given. The teacher's latents are sampled once.
 """
 
 from __future__ import annotations
@@ -140,14 +140,10 @@ def lora_validation(config: Config, student, cache) -> LoraValidation:
     latent_shape = tuple(cache.get(torch.arange(1))["latents"].shape[1:])
     prompts = validation_prompts(config)
     if not prompts:
-        # eval.num_samples rows that cycle through the cache, each with its own noise: a few-shot cache of 10
-        # captions still gives eval.num_samples paired samples, so the metric and the calibration built on it are
-        # not read off 10 draws (measured: a 10-image run calibrated on its 10 rows chose 1.5 at 3 steps, worse
-        # on held-out prompts than the student as trained)
-        rows = torch.arange(config.eval.num_samples) % len(cache)
-        record = cache.get(rows)
+        count = min(len(cache), config.eval.num_samples)
+        record = cache.get(torch.arange(count))
         record.pop("latents")
-        captions = [cache.records[int(i)].caption for i in rows]
+        captions = [info.caption for info in cache.records[:count]]
         return LoraValidation(config, student, record, captions, latent_shape, decode=None)
     pipe = load_prompt_encoder(config, student.family)
     encoding = student.family.encode_prompts(pipe, prompts, layout.max_sequence_length)
