@@ -12,7 +12,14 @@ from torch import nn
 
 from shortcutfm.config import ConfigError, load_config
 from shortcutfm.core import euler_sample
-from shortcutfm.core.calibration import DEFAULT_SCALES, CalibratedVelocity, StepCalibration, WeightInterpolation, calibrate
+from shortcutfm.core.calibration import (
+    DEFAULT_SCALES,
+    CalibratedVelocity,
+    StepCalibration,
+    WeightInterpolation,
+    calibrate,
+    one_standard_error_choice,
+)
 from shortcutfm.core.grids import sigma_grid
 from shortcutfm.data import Normalization
 from shortcutfm.models.builtin import CALIBRATION, TEACHER_WEIGHTS, load_model
@@ -54,6 +61,27 @@ def test_calibrate_finds_the_exact_best_scale_of_a_closed_form_flow():
         assert result.scales[n] == pytest.approx(exact, abs=0.006), n
         assert min(result.errors[n].values()) == result.errors[n][result.scales[n]] < 1e-4
     assert result.scales[1] > result.scales[2] > result.scales[4] > result.scales[8]  # 2.0, 0.25, 0.03, 0.0
+
+
+def test_the_paired_rule_keeps_the_student_unless_a_scale_beats_it_beyond_one_standard_error():
+    """The defining property of the one-standard-error rule: a scale away from 1 is chosen only when its paired gain
+    over scale 1 exceeds one standard error of the per-sample difference."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.rand(64, generator=generator, dtype=torch.float64) + 1.0
+    noise = torch.randn(64, generator=generator, dtype=torch.float64)
+    noise = (noise - noise.mean()) / noise.std()  # exactly mean 0, standard deviation 1
+    standard_error = 0.1 / 64**0.5  # of a difference with standard deviation 0.1
+    slight = {1.0: base, 1.25: base - 0.5 * standard_error + 0.1 * noise, 0.5: base + 0.2}
+    assert float(slight[1.25].mean()) < float(slight[1.0].mean())  # 1.25 is the plain minimum...
+    assert one_standard_error_choice(slight) == 1.0  # ...by less than the samples resolve
+    clear = {1.0: base, 1.25: base - 2 * standard_error + 0.1 * noise, 0.5: base + 0.2}
+    assert one_standard_error_choice(clear) == 1.25
+    consistent = {1.0: base, 1.5: base - 1e-3, 2.0: base - 2e-3}  # no spread: any gain is resolved
+    assert one_standard_error_choice(consistent) == 2.0
+    near = {0.0: base - 2e-3, 0.5: base - 2e-3 + 1e-4 * noise, 1.0: base + 1.0}  # a tie within noise: nearest 1
+    assert one_standard_error_choice(near) == 0.5
+    single = {1.0: torch.tensor([1.0], dtype=torch.float64), 1.25: torch.tensor([0.999], dtype=torch.float64)}
+    assert one_standard_error_choice(single) == 1.25  # one sample has no standard error: the best is kept
 
 
 class LinearVelocity(nn.Linear):

@@ -15,6 +15,13 @@ of paired samples by default (LoRA runs); the built-in trainer passes a distribu
 data instead (energy distance, or Frechet distance in a classifier's features), since any teacher-relative
 distance pulls a student that is better than its teacher back towards it (measured on digits:
 docs/results/step_calibration_digits.md).
+
+With the paired distance each sample has its own error, so the choice can be told from noise: the scale kept is
+the one nearest 1 whose mean error exceeds the best scale's by at most one standard error of their paired
+difference (the "one-standard-error rule" of model selection). A scale away from the student as trained must
+earn its place on these samples; a gain smaller than the samples can resolve keeps the student as it is. (A
+paired error also rewards a slight pull towards the average image, which a Frechet distance on new prompts
+penalises: docs/results/t2i_fewshot_style.md.)
 """
 
 from __future__ import annotations
@@ -98,8 +105,9 @@ def calibrate(
     ``velocity_at(a)`` is the deployed model at scale ``a`` (e.g. ``WeightInterpolation(...).at``); ``teacher`` the
     guided teacher; ``cond`` per-sample conditioning. Grids: ``sigma_grid(n, shift)``, or ``grid(n)`` (e.g. a
     diffusers family's dynamic shift; ``shift`` is then only recorded). ``batch_size`` samples in chunks (large
-    models). ``distance(samples, reference)``: lower is closer (default: paired mean squared distance), recorded
-    as ``metric``. On equal distances the scale nearest 1 wins.
+    models). ``distance(samples, reference)``: lower is closer, recorded as ``metric``; on equal distances the
+    scale nearest 1 wins. Default: the paired mean squared distance with the one-standard-error rule (module
+    docstring).
     """
     grid_of = grid if grid is not None else (lambda n: sigma_grid(n, shift))
     chunk = batch_size or len(noise)
@@ -117,9 +125,28 @@ def calibrate(
                            metric)
 
 
-def paired_mse(samples: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean squared distance of samples to the reference samples drawn from the same noise."""
-    return float((samples.float() - reference.float()).pow(2).mean())
+def paired_errors(samples: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Each sample's mean squared distance to its reference sample (same noise), shape (N,), float64."""
+    return (samples.double() - reference.double()).pow(2).flatten(1).mean(1)
+
+
+def one_standard_error_choice(per_sample: Mapping[float, torch.Tensor]) -> float:
+    """The scale nearest 1 whose mean paired error is within one standard error of the best scale's.
+
+    ``per_sample``: scale -> each sample's error (the same samples and noise for every scale). The standard error
+    is that of the per-sample difference to the best scale (paired, so shared noise cancels); with one sample there
+    is none and the best scale is kept."""
+    means = {a: float(e.mean()) for a, e in per_sample.items()}
+    best = min(means, key=lambda a: (means[a], abs(a - 1.0)))
+    count = per_sample[best].numel()
+
+    def within(a: float) -> bool:
+        if count < 2:
+            return a == best
+        difference = per_sample[a] - per_sample[best]
+        return float(difference.mean()) <= float(difference.std() / math.sqrt(count))
+
+    return min((a for a in means if within(a)), key=lambda a: (abs(a - 1.0), means[a]))
 
 
 def choose_scales(
@@ -127,17 +154,23 @@ def choose_scales(
     scales: Sequence[float], distance: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
 ) -> tuple[dict[int, float], dict[int, dict[float, float]]]:
     """The selection rule of :func:`calibrate` for any sampler: ``sample_at(a, n)`` gives n-step samples at scale
-    a from the noise of ``reference``; returns ``({n: best a}, {n: {a: distance}})``, ties to the scale nearest 1."""
-    distance = distance or paired_mse
+    a from the noise of ``reference``; returns ``({n: chosen a}, {n: {a: distance}})``. With a ``distance``, the
+    closest scale (ties to the scale nearest 1); without, the paired mean squared distance and the one-standard-
+    error rule (:func:`one_standard_error_choice`)."""
     if not steps or any(n < 1 for n in steps):
         raise ValueError(f"calibration steps must be step counts >= 1, got {list(steps)}")
     if not scales:
         raise ValueError("calibration scales must hold at least one scale, e.g. [0.5, 1.0, 1.5]")
     chosen, errors = {}, {}
     for n in steps:
-        table = {float(a): float(distance(sample_at(float(a), int(n)), reference)) for a in scales}
-        errors[int(n)] = table
-        chosen[int(n)] = min(table, key=lambda a: (table[a], abs(a - 1.0)))
+        if distance is None:
+            per_sample = {float(a): paired_errors(sample_at(float(a), int(n)), reference) for a in scales}
+            errors[int(n)] = {a: float(e.mean()) for a, e in per_sample.items()}
+            chosen[int(n)] = one_standard_error_choice(per_sample)
+        else:
+            table = {float(a): float(distance(sample_at(float(a), int(n)), reference)) for a in scales}
+            errors[int(n)] = table
+            chosen[int(n)] = min(table, key=lambda a: (table[a], abs(a - 1.0)))
     return chosen, errors
 
 
