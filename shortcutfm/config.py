@@ -238,10 +238,11 @@ class CalibrationConfig:
     steps: tuple[int, ...] = (1, 2, 3, 4, 8, 16, 32)
     """Distillation: after training, each of these step counts gets the scale ``a`` (built-in networks: weights
     ``teacher + a (student - teacher)``, the scale whose Euler samples are closest to the training data by the
-    judge's metric; LoRA runs: the LoRA scale nearest 1 whose samples are within one standard error of the
-    closest to the teacher's 32-step samples from the same noise), sampled at eval.select_shift; ``shortcutfm sample``, ``eval`` and the step sweep
-    then sample each step count at its scale (others at the nearest calibrated count's). Stored beside the model
-    (calibration.json; a LoRA also in its file's metadata). Empty: no calibration."""
+    judge's metric; LoRA runs: the LoRA scale nearest 1 whose paired distance to the teacher's 32-step samples
+    from the same noise is within one standard error of the closest scale's), sampled at eval.select_shift;
+    ``shortcutfm sample``, ``eval`` and the step sweep then sample each step count at its scale (others at the
+    nearest calibrated count's). Stored beside the model (calibration.json; a LoRA also in its file's metadata).
+    Empty: no calibration."""
     scales: tuple[float, ...] = DEFAULT_SCALES
     """The scales tried for every step count (1 = the student as trained, 0 = the teacher)."""
     num_samples: int = 2048

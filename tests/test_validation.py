@@ -158,3 +158,24 @@ def test_validation_prompts_encode_with_an_sd3_pipeline_without_t5(tmp_path):
     encoder = load_prompt_encoder(config, get_family("sd3"))
     encoding = get_family("sd3").encode_prompts(encoder, ["a dog"], SEQUENCE_LENGTH["sd3"])
     assert encoding.cond["prompt_embeds"].shape[0] == 1
+
+
+def test_a_tiny_cache_is_read_with_several_noise_draws_per_record(tmp_path):
+    """Without validation prompts a 4-record cache gives MIN_CACHED_ROWS rows (records repeat, each with its own
+    noise), so the calibration's one-standard-error rule has samples; a budget below that is kept."""
+    from shortcutfm.training.validation import MIN_CACHED_ROWS
+
+    pipe_dir = prepared(tmp_path)
+    cache = LatentCache(tmp_path / "cache")
+    config = load_config(resolve_config_path("sd3"), overrides(tmp_path, pipe_dir))
+    student = LoraStudent.from_pretrained("sd3", str(pipe_dir), lora=config.lora, schedule=config.ema,
+                                          dtype=torch.float32, uncond=cache.uncond,
+                                          guidance_scale=config.model.guidance_scale, gradient_checkpointing=False)
+    validation = lora_validation(config, student, cache)
+    assert len(cache) == 4 and len(validation.noise) == len(validation.prompts) == MIN_CACHED_ROWS
+    assert validation.prompts == [r.caption for r in cache.records] * (MIN_CACHED_ROWS // 4)
+    assert not torch.allclose(validation.noise[0], validation.noise[4])  # a repeated record, new noise
+    first, again = validation.cond["prompt_embeds"][0], validation.cond["prompt_embeds"][4]
+    assert torch.equal(first, again)
+    small = load_config(resolve_config_path("sd3"), overrides(tmp_path, pipe_dir, "eval.num_samples=2"))
+    assert len(lora_validation(small, student, cache).noise) == 2

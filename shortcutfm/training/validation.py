@@ -5,7 +5,8 @@ and every validation); the grid has one row per prompt and the teacher's 32-step
 selects checkpoints is the *teacher-relative latent distance*: the mean squared difference between the
 student's ``eval.select_steps``-step latents and the teacher's 32-step latents from the same noise and prompts
 (``latent_mse_to_teacher32@N``), over the validation prompts, or over the first ``eval.num_samples`` cached
-prompts when none are given. The teacher's latents are sampled once.
+prompts when none are given (at least ``MIN_CACHED_ROWS`` rows: a smaller cache repeats its records, each with
+its own noise). The teacher's latents are sampled once.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from .setup import Evaluation
 
 TEACHER_REFERENCE_STEPS = 32
 SAMPLING_BATCH = 16
+#: without validation prompts, at least this many cached rows (records repeat, each with its own noise)
+MIN_CACHED_ROWS = 8
 
 
 @dataclass
@@ -141,9 +144,12 @@ def lora_validation(config: Config, student, cache) -> LoraValidation:
     prompts = validation_prompts(config)
     if not prompts:
         count = min(len(cache), config.eval.num_samples)
-        record = cache.get(torch.arange(count))
+        # a tiny cache (a few-shot run) is read with several noise draws per record, so that the calibration's
+        # one-standard-error rule has samples to measure noise on; bounded, so larger caches are read as they are
+        rows = torch.arange(max(count, min(MIN_CACHED_ROWS, config.eval.num_samples))) % count
+        record = cache.get(rows)
         record.pop("latents")
-        captions = [info.caption for info in cache.records[:count]]
+        captions = [cache.records[int(i)].caption for i in rows]
         return LoraValidation(config, student, record, captions, latent_shape, decode=None)
     pipe = load_prompt_encoder(config, student.family)
     encoding = student.family.encode_prompts(pipe, prompts, layout.max_sequence_length)
