@@ -347,8 +347,8 @@ def calibrate(
     run: Path = typer.Argument(..., help="A finished distillation run of a built-in network."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides, e.g. calibration.steps=[1,2,4]."),
 ) -> None:
-    """Choose each step count's teacher-student scale (closest to the teacher's 32 steps) and store it beside the
-    model; `sample` and `eval` then use it. Training runs this at its end already."""
+    """Choose each step count's teacher-student scale (whose samples are closest to the training data) and store it
+    beside the model; `sample` and `eval` then use it. Training runs this at its end already."""
     from .workflows import calibrate_run
 
     _threads(inference=True)

@@ -36,7 +36,8 @@ def _card_body(config: Config, state: TrainerState, pipeline_class: str, samplin
         "## How to sample", "",
         f"- **Steps:** {steps} Euler steps (the step count the checkpoint was selected on); 2-8 work.",
         f"- **Grid shift:** {sampling_shift} (`shortcutfm sample --shift` overrides it).",
-        ("- **LoRA scale per step count** (calibrated: closest to the teacher's 32 steps; `shortcutfm sample` and "
+        ("- **LoRA scale per step count** (calibrated: 1 unless another scale is clearly closer to the teacher's 32 "
+         "steps; `shortcutfm sample` and "
          "`eval` use it): " + ", ".join(f"{n} steps: {a:g}" for n, a in calibration.scales.items())
          + "; in diffusers, `pipe.fuse_lora(lora_scale=...)` with the scale of your step count."
          if calibration is not None else "- **LoRA scale:** 1.0 (1 to 1.75 suits fewer steps)."),

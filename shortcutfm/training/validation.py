@@ -120,7 +120,8 @@ class LoraValidation:
 
     def calibrate(self, steps, scales):
         """The student's step-count calibration (:mod:`shortcutfm.core.calibration`) on these prompts and noise:
-        per step count, the LoRA scale whose samples are closest to the teacher's 32-step ones."""
+        per step count, the LoRA scale nearest 1 whose samples are within one standard error of the closest to
+        the teacher's 32-step ones."""
         from ..core.calibration import StepCalibration, choose_scales
 
         chosen, errors = choose_scales(lambda a, n: self.sample(self.student.velocity_at(a), n), self.teacher(),
