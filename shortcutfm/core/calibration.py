@@ -139,10 +139,10 @@ def one_standard_error_choice(per_sample: Mapping[float, torch.Tensor]) -> float
     means = {a: float(e.mean()) for a, e in per_sample.items()}
     best = min(means, key=lambda a: (means[a], abs(a - 1.0)))
     count = per_sample[best].numel()
+    if count < 2:
+        return best
 
     def within(a: float) -> bool:
-        if count < 2:
-            return a == best
         difference = per_sample[a] - per_sample[best]
         return float(difference.mean()) <= float(difference.std() / math.sqrt(count))
 
